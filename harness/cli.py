@@ -1,0 +1,161 @@
+"""Command line: ``harness run | score | leaderboard | plugins``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness import __version__
+from harness.pluginmanager import PluginError, UnknownSegmenterError
+from harness.results import StoreLockedError
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+
+
+def _weights_arg(values: list[str]) -> dict[str, Path]:
+    weights: dict[str, Path] = {}
+    for item in values:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"harness: --weights expects NAME=PATH, got '{item}'")
+        weights[name.strip()] = Path(path).expanduser()
+    return weights
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.runner import RunConfig, run
+    from leaderboard import write_leaderboard
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise SystemExit("harness run: --models needs at least one name")
+    weights = _weights_arg(args.weights)
+    unknown_weights = set(weights) - set(models)
+    if unknown_weights:
+        raise SystemExit(f"harness run: --weights given for {', '.join(sorted(unknown_weights))}, not in --models")
+    for name, path in weights.items():
+        if not path.is_file():
+            raise SystemExit(f"harness run: --weights {name}={path}: no such file")
+    config = RunConfig(
+        models=models,
+        data_dir=Path(args.data),
+        out_dir=Path(args.out),
+        limit=args.limit,
+        weights=weights,
+        threads=args.threads,
+        retry_errors=args.retry_errors,
+        progress=not args.no_progress,
+    )
+    report = run(config)
+    board = write_leaderboard(config.out_dir)
+    print(board.read_text())
+    print(
+        f"{report.done} cases done, {report.errors} errors, {report.skipped} already finished; "
+        f"results in {config.out_dir / 'results.jsonl'}, leaderboard in {board}"
+    )
+    for name, message in report.failed_models.items():
+        print(f"{name}: not run: {message}", file=sys.stderr)
+    return 0 if not report.failed_models else 1
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from harness.scoring import score_dirs
+
+    frame = score_dirs(Path(args.segs), Path(args.gts), workers=args.workers)
+    if args.output:
+        frame.to_csv(args.output, index=False, float_format="%.17g")
+        print(f"wrote {len(frame)} rows to {args.output}")
+    else:
+        frame.to_csv(sys.stdout, index=False, float_format="%.17g")
+    errors = frame["error"].astype(bool).sum() if "error" in frame else 0
+    if errors:
+        print(f"{errors} case(s) could not be scored (see the error column)", file=sys.stderr)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from leaderboard import write_leaderboard
+
+    out = Path(args.out_dir)
+    if not (out / "results.jsonl").is_file():
+        raise SystemExit(f"harness leaderboard: {out}/results.jsonl not found")
+    target = write_leaderboard(out, args.output)
+    print(target.read_text())
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from harness.pluginmanager import HarnessPlugins
+
+    plugins = HarnessPlugins()
+    specs = plugins.segmenters()
+    for info in plugins.plugins():
+        print(f"{info.name}  {info.distribution} {info.version}  ({info.module})")
+        for seg in info.segmenters:
+            spec = specs[seg]
+            res = f"{spec.resolution}px" if spec.resolution else "-"
+            print(f"    {seg:<12} {spec.title}  [{spec.family}, {res}]  {spec.reference}")
+    for message in plugins.failed.values():
+        print(f"FAILED: {message}")
+    return 0 if not plugins.failed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness",
+        description="Evaluate and benchmark box-prompted medical image segmenters on challenge npz cases.",
+    )
+    parser.add_argument("--version", action="version", version=f"medsam-harness {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="segment, time and score cases with one or more models (resumable)",
+                       description="Run models over a data folder; results go to OUT/results.jsonl as each case "
+                                   "finishes, segs to OUT/segs/<model>/, the leaderboard to OUT/leaderboard.md. "
+                                   "Running the same command again skips finished (model, case) pairs.")
+    p.add_argument("--models", required=True, help="comma-separated segmenter names (see `harness plugins`)")
+    p.add_argument("--data", default=str(DEMO_DIR),
+                   help="folder with imgs/*.npz and optionally gts/*.npz (default: the bundled demo set)")
+    p.add_argument("--out", default="results", help="output folder (default: ./results)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most N cases, taken round-robin over modalities (for quick checks)")
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+                   help="weights file for a model (repeatable); default: the model's bundled weights")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads to pin (default: all available)")
+    p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("score", help="challenge DSC/NSD of a segs folder against a gts folder",
+                       description="Drop-in for the challenge's compute_metrics.py: one CSV row per gts file with "
+                                   "case, dsc, nsd at full precision, plus modality and error.")
+    p.add_argument("--segs", required=True, help="folder of <case>.npz files with key 'segs'")
+    p.add_argument("--gts", required=True, help="folder of <case>.npz files with key 'gts' (and 'spacing' for 3D)")
+    p.add_argument("-o", "--output", help="CSV file to write (default: stdout)")
+    p.add_argument("--workers", type=int, default=1, help="processes to score with")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("leaderboard", help="render the markdown leaderboard of a run folder")
+    p.add_argument("out_dir", help="a `harness run` output folder")
+    p.add_argument("-o", "--output", help="markdown file to write (default: OUT_DIR/leaderboard.md)")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("plugins", help="list the loaded plugins, their versions and segmenters")
+    p.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; finished cases are kept, run the same command again to resume", file=sys.stderr)
+        return 130
+    except (UnknownSegmenterError, PluginError, StoreLockedError, FileNotFoundError) as exc:
+        print(f"harness {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

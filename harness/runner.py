@@ -1,0 +1,219 @@
+"""The native runner: every model x case, segmented in this process, scored, stored as it finishes.
+
+Timing mode ``in-process``: each model is loaded once; a case's ``seconds`` is the wall time of its
+segmentation alone (``Segmenter.segment``: preprocessing, encoder, decoder, postprocessing), not
+reading the npz, writing segs or scoring. ``peak_rss_mb`` is the process's peak RSS during that
+segmentation (see :mod:`harness.profiling`).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from harness import __version__
+from harness.cases import Case, CaseError, discover_cases, load_case, load_ground_truth, save_segs
+from harness.metrics import case_metrics
+from harness.pluginmanager import HarnessPlugins
+from harness.profiling import PeakRSS
+from harness.results import ResultsStore, update_models
+from harness.specs import LoadOptions, SegmenterSpec
+
+TIMING_MODE = "in-process"
+RUNNER = "native"
+
+
+def default_threads() -> int:
+    """CPUs this process may use (its affinity mask), the thread count a run pins by default."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class RunConfig:
+    """What ``harness run`` was asked to do."""
+
+    models: list[str]
+    data_dir: Path
+    out_dir: Path
+    limit: int | None = None
+    weights: dict[str, Path] = field(default_factory=dict)
+    threads: int | None = None
+    device: str = "cpu"
+    retry_errors: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunReport:
+    """Counts of one invocation (records already present before it are ``skipped``)."""
+
+    done: int = 0
+    errors: int = 0
+    skipped: int = 0
+    failed_models: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_models and self.errors == 0
+
+
+def _gts_path(data_dir: Path, case_path: Path) -> Path | None:
+    candidate = data_dir / "gts" / case_path.name
+    return candidate if candidate.is_file() else None
+
+
+def _check_segs(segs: object, case: Case) -> np.ndarray:
+    if not isinstance(segs, np.ndarray):
+        raise TypeError(f"segmenter returned {type(segs).__name__}, not a numpy array")
+    if tuple(segs.shape) != tuple(case.spatial_shape):
+        raise ValueError(f"segmenter returned segs of shape {segs.shape}, expected {case.spatial_shape}")
+    if segs.dtype.kind not in "iub":
+        raise ValueError(f"segmenter returned segs of dtype {segs.dtype}, expected integer labels")
+    return segs
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, CaseError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig, threads: int) -> dict:
+    """Segment, save and score one case; never raises for a problem of the case or the model."""
+    record: dict = {
+        "model": spec.name,
+        "case": case_path.name,
+        "modality": None,
+        "dim": None,
+        "n_boxes": None,
+        "status": "ok",
+        "error": None,
+        "dsc": None,
+        "nsd": None,
+        "dsc_per_label": None,
+        "nsd_per_label": None,
+        "seconds": None,
+        "peak_rss_mb": None,
+        "memory_method": None,
+        "timing_mode": TIMING_MODE,
+        "runner": RUNNER,
+        "threads": threads,
+        "device": config.device,
+        "warnings": [],
+        "segs": None,
+        "finished_at": None,
+        "harness_version": __version__,
+    }
+    stage = "loading the case"
+    try:
+        case = load_case(case_path)
+        record.update(modality=case.modality, dim=f"{case.dim}D", n_boxes=case.n_boxes, warnings=list(case.warnings))
+        stage = "segmenting"
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            segs = segmenter.segment(case)
+            record["seconds"] = time.perf_counter() - start
+        record.update(peak_rss_mb=mem.mb, memory_method=mem.method)
+        segs = _check_segs(segs, case)
+        stage = "writing segs"
+        seg_path = config.out_dir / "segs" / spec.name / case.name
+        save_segs(seg_path, segs)
+        record["segs"] = str(seg_path.relative_to(config.out_dir))
+        gts_path = _gts_path(config.data_dir, case_path)
+        if gts_path is not None:
+            stage = "scoring"
+            gt = load_ground_truth(gts_path, case)
+            metrics = case_metrics(gt.gts, segs, spacing=gt.spacing)
+            record.update(
+                dsc=metrics.dsc,
+                nsd=metrics.nsd,
+                dsc_per_label=list(metrics.dsc_per_label),
+                nsd_per_label=list(metrics.nsd_per_label),
+            )
+    except Exception as exc:  # noqa: BLE001 - one bad case never stops the run
+        record["status"] = "error"
+        record["error"] = f"while {stage}: {_error_text(exc)}"
+        if os.environ.get("HARNESS_DEBUG"):
+            traceback.print_exc()
+    record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return record
+
+
+def _model_info(spec: SegmenterSpec, described: dict, plugins: HarnessPlugins) -> dict:
+    reported = spec.reported.__dict__ if spec.reported is not None else None
+    owner = next((p for p in plugins.plugins() if spec.name in p.segmenters), None)
+    return {
+        "title": spec.title,
+        "family": spec.family,
+        "resolution": spec.resolution,
+        "reference": spec.reference,
+        "plugin": owner.source if owner else None,
+        "reported": reported,
+        **described,
+        "host": {"machine": platform.machine(), "processor": platform.processor(), "python": sys.version.split()[0]},
+    }
+
+
+def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> RunReport:
+    """Run every requested model over every case of ``config.data_dir``; resumable."""
+    plugins = plugins or HarnessPlugins()
+    specs = [plugins.get(name) for name in config.models]  # unknown names fail before any work
+    cases = discover_cases(config.data_dir, config.limit)
+    if not cases:
+        raise FileNotFoundError(f"{config.data_dir}: no .npz cases found (expected imgs/*.npz)")
+    threads = config.threads or default_threads()
+    _pin_threads(threads)
+    report = RunReport()
+    with ResultsStore(config.out_dir) as store:
+        for spec in specs:
+            finished = store.finished(spec.name, include_errors=not config.retry_errors)
+            pending = [c for c in cases if c.name not in finished]
+            report.skipped += len(cases) - len(pending)
+            if not pending:
+                log(f"{spec.name}: all {len(cases)} cases already in {store.path}")
+                continue
+            options = LoadOptions(weights=config.weights.get(spec.name), device=config.device, threads=threads)
+            try:
+                segmenter = spec.load(options)
+                described = segmenter.describe()
+            except Exception as exc:  # noqa: BLE001 - a model that cannot load must not stop the others
+                message = _error_text(exc)
+                report.failed_models[spec.name] = message
+                log(f"{spec.name}: cannot load: {message}")
+                continue
+            update_models(config.out_dir, spec.name, _model_info(spec, described, plugins))
+            bar = tqdm(pending, desc=spec.name, unit="case", disable=not config.progress, file=sys.stderr)
+            for case_path in bar:
+                bar.set_postfix_str(case_path.name, refresh=False)
+                record = run_case(segmenter, spec, case_path, config, threads)
+                store.append(record)
+                if record["status"] == "ok":
+                    report.done += 1
+                else:
+                    report.errors += 1
+                    tqdm.write(f"{spec.name} {case_path.name}: {record['error']}", file=sys.stderr)
+            bar.close()
+            del segmenter
+    return report
+
+
+def _pin_threads(threads: int) -> None:
+    """Pin torch's intra-op threads when torch is in use (the harness core does not import it)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        try:
+            import torch  # noqa: F811 - imported only to pin its thread pool
+        except ImportError:
+            return
+    torch.set_num_threads(threads)

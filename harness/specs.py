@@ -1,0 +1,74 @@
+"""Typed records that plugins return and the harness passes around."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+from harness.cases import Case
+
+
+@dataclass(frozen=True)
+class Reported:
+    """Figures published for a segmenter (for the leaderboard's "published" columns).
+
+    Percentages for DSC/NSD, seconds per case, MB of peak memory; ``None`` where not published.
+    """
+
+    source: str
+    dsc: float | None = None
+    nsd: float | None = None
+    params_m: float | None = None
+    gflops: float | None = None
+    runtime_2d_s: float | None = None
+    runtime_3d_s: float | None = None
+    memory_2d_mb: float | None = None
+    memory_3d_mb: float | None = None
+    hardware: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What the runner hands a segmenter's loader.
+
+    ``weights`` is the user's ``--weights NAME=PATH`` (or None for the segmenter's default),
+    ``device`` a torch device string, ``threads`` the CPU thread count the run pins.
+    """
+
+    weights: Path | None = None
+    device: str = "cpu"
+    threads: int | None = None
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """A loaded segmenter: turns a validated case into a uint16 label map of its spatial shape."""
+
+    def segment(self, case: Case) -> np.ndarray:  # pragma: no cover - protocol
+        """Return ``segs`` (uint16, ``case.spatial_shape``); box row i -> label i+1, later boxes win."""
+        ...
+
+    def describe(self) -> dict[str, Any]:  # pragma: no cover - protocol
+        """Facts for the leaderboard: at least ``params`` and ``flops`` (None where not meaningful),
+        and ``weights`` (path or description of the weights in use)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """A segmenter a plugin provides (returned by the ``harness_segmenters`` hook).
+
+    ``load(options) -> Segmenter`` is called once per run. ``resolution`` is the encoder input size
+    in pixels (None for non-learned baselines). ``reference`` names the upstream pipeline reproduced.
+    """
+
+    name: str
+    title: str
+    family: str
+    load: Callable[[LoadOptions], Segmenter] = field(repr=False, compare=False)
+    resolution: int | None = None
+    reported: Reported | None = None
+    reference: str = ""
+    description: str = ""

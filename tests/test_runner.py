@@ -1,0 +1,181 @@
+"""Native runner: records, errors that do not stop the run, resume after SIGKILL, leaderboard."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.cases import discover_cases
+from harness.results import ResultsStore, StoreLockedError, read_records
+from harness.runner import RunConfig, run
+from helpers import DEMO, harness_cli, harness_popen, install_fake_plugin
+
+REQUIRED_FIELDS = {"model", "case", "modality", "dim", "dsc", "nsd", "seconds", "peak_rss_mb", "timing_mode",
+                   "status", "error"}
+
+
+def lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_boxfill_run_records_segs_and_leaderboard(tmp_path):
+    out = tmp_path / "out"
+    report = run(RunConfig(models=["boxfill"], data_dir=DEMO, out_dir=out, progress=False))
+    assert report.done == 6 and report.errors == 0 and report.ok
+    records = lines(out)
+    assert len(records) == 6
+    for rec in records:
+        assert REQUIRED_FIELDS <= set(rec)
+        assert rec["status"] == "ok" and rec["error"] is None
+        assert rec["timing_mode"] == "in-process" and rec["runner"] == "native"
+        assert rec["seconds"] >= 0 and rec["peak_rss_mb"] > 0
+        assert 0 < rec["dsc"] < 1 and 0 <= rec["nsd"] <= 1
+        with np.load(out / rec["segs"]) as npz:
+            assert npz["segs"].dtype == np.uint16
+    assert {r["dim"] for r in records} == {"2D", "3D"}
+    models = json.loads((out / "models.json").read_text())
+    assert models["boxfill"]["params"] == 0
+
+
+def test_rerun_skips_finished_pairs(tmp_path):
+    out = tmp_path / "out"
+    run(RunConfig(models=["boxfill"], data_dir=DEMO, out_dir=out, limit=2, progress=False))
+    report = run(RunConfig(models=["boxfill"], data_dir=DEMO, out_dir=out, limit=2, progress=False))
+    assert report.done == 0 and report.skipped == 2
+    assert len(lines(out)) == 2
+
+
+def test_bad_case_is_recorded_and_run_goes_on(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(DEMO, data, ignore=shutil.ignore_patterns("*.md", "*.json"))
+    (data / "imgs" / "2DBox_US_broken.npz").write_bytes(b"garbage")
+    np.savez(data / "imgs" / "2DBox_US_inverted.npz", imgs=np.zeros((20, 20, 3), np.uint8),
+             boxes=np.array([[10, 2, 3, 8]]))
+    out = tmp_path / "out"
+    report = run(RunConfig(models=["boxfill"], data_dir=data, out_dir=out, progress=False))
+    assert report.done == 6 and report.errors == 2
+    errors = {r["case"]: r["error"] for r in lines(out) if r["status"] == "error"}
+    assert "not an npz" in errors["2DBox_US_broken.npz"] and "2DBox_US_broken.npz" in errors["2DBox_US_broken.npz"]
+    assert "inverted" in errors["2DBox_US_inverted.npz"]
+    board = (out / "leaderboard.md")
+    assert not board.exists()  # the CLI writes it; the library call does not
+
+
+def test_bad_ground_truth_is_an_error_naming_the_file(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(DEMO, data, ignore=shutil.ignore_patterns("*.md", "*.json"))
+    case = "2DBox_US_hc18-158.npz"
+    np.savez(data / "gts" / case, gts=np.zeros((3, 3), np.uint8))
+    out = tmp_path / "out"
+    run(RunConfig(models=["boxfill"], data_dir=data, out_dir=out, progress=False))
+    rec = next(r for r in lines(out) if r["case"] == case)
+    assert rec["status"] == "error" and "while scoring" in rec["error"] and "does not match" in rec["error"]
+    assert rec["seconds"] is not None and (out / rec["segs"]).is_file()  # the segmentation itself is kept
+
+
+def test_missing_gts_gives_unscored_ok_records(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(DEMO / "imgs", data / "imgs")
+    out = tmp_path / "out"
+    run(RunConfig(models=["boxfill"], data_dir=data, out_dir=out, limit=2, progress=False))
+    assert all(r["status"] == "ok" and r["dsc"] is None for r in lines(out))
+
+
+def test_store_is_locked_against_a_second_writer(tmp_path):
+    with ResultsStore(tmp_path):
+        with pytest.raises(StoreLockedError):
+            ResultsStore(tmp_path)
+
+
+def test_torn_last_line_is_repaired(tmp_path):
+    with ResultsStore(tmp_path) as store:
+        store.append({"model": "m", "case": "a", "status": "ok"})
+    with (tmp_path / "results.jsonl").open("ab") as fh:
+        fh.write(b'{"model": "m", "case": "b", "sta')
+    with ResultsStore(tmp_path) as store:
+        assert store.finished("m") == {"a"}
+        store.append({"model": "m", "case": "b", "status": "ok"})
+    assert [r["case"] for r in read_records(tmp_path / "results.jsonl")] == ["a", "b"]
+
+
+SLOW_PLUGIN = textwrap.dedent(
+    '''
+    """Box fill that takes a while per case, so a test can kill the run in the middle."""
+    import time
+    import numpy as np
+    from harness import SegmenterSpec, hookimpl
+
+    class Slow:
+        def segment(self, case):
+            time.sleep(0.6)
+            segs = np.zeros(case.spatial_shape, np.uint16)
+            for i, b in enumerate(case.boxes.astype(int)):
+                if case.dim == 2:
+                    segs[b[1]:b[3] + 1, b[0]:b[2] + 1] = i + 1
+                else:
+                    segs[b[2]:b[5] + 1, b[1]:b[4] + 1, b[0]:b[3] + 1] = i + 1
+            return segs
+
+        def describe(self):
+            return {"params": 0, "flops": 0, "weights": None}
+
+    @hookimpl
+    def harness_segmenters():
+        return [SegmenterSpec(name="slowfill", title="Slow fill", family="test", load=lambda o: Slow())]
+    '''
+)
+
+
+def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tmp_path):
+    env = install_fake_plugin(tmp_path / "site", "slowfill_plugin", SLOW_PLUGIN, "slowfill", "0.1", "slowfill")
+    out = tmp_path / "out"
+    args = ["run", "--models", "slowfill,boxfill", "--data", str(DEMO), "--out", str(out), "--no-progress"]
+    proc = harness_popen(args, env=env)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if results.is_file() and len(results.read_bytes().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_with = read_records(results)
+    assert 2 <= len(killed_with) < 12, "the run should have been killed in the middle"
+    with results.open("ab") as fh:  # what a kill during a write would leave behind
+        fh.write(b'{"model": "slowfill", "case": "torn')
+    finished = harness_cli(args, env=env)
+    assert finished.returncode == 0, finished.stderr
+    records = lines(out)
+    pairs = [(r["model"], r["case"]) for r in records]
+    assert len(pairs) == len(set(pairs)) == 12
+    assert records[: len(killed_with)] == killed_with  # nothing already finished was lost or rewritten
+    assert all(r["status"] == "ok" for r in records)
+    expected = {p.name for p in discover_cases(DEMO)}
+    assert {c for m, c in pairs if m == "slowfill"} == expected
+
+
+def test_unloadable_model_does_not_stop_the_others(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    result = harness_cli(["run", "--models", "litemedsam,boxfill", "--weights", f"litemedsam={bad}", "--data",
+                          str(DEMO), "--out", str(out), "--limit", "2", "--no-progress"])
+    assert result.returncode == 1
+    assert "litemedsam: not run:" in result.stderr and str(bad) in result.stderr
+    assert {r["model"] for r in lines(out)} == {"boxfill"}
+
+
+def test_cli_argument_errors(tmp_path):
+    missing = harness_cli(["run", "--models", "boxfill", "--weights", "boxfill=/nonexistent.pth", "--out",
+                           str(tmp_path)])
+    assert missing.returncode != 0 and "no such file" in missing.stderr
+    unknown = harness_cli(["run", "--models", "nosuchmodel", "--out", str(tmp_path)])
+    assert unknown.returncode == 2 and "unknown segmenter 'nosuchmodel'" in unknown.stderr
+    nodata = harness_cli(["run", "--models", "boxfill", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    assert nodata.returncode == 2 and "no such data folder" in nodata.stderr

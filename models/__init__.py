@@ -1,0 +1,16 @@
+"""Segmentation models: a name registry, builders and a strict checkpoint loader."""
+
+from .checkpoints import CheckpointError, default_litemedsam_checkpoint, load_weights
+from .registry import build_model, list_models, register_model
+from .segmenter_module import ModelInfo, PromptableSAM
+
+__all__ = [
+    "CheckpointError",
+    "ModelInfo",
+    "PromptableSAM",
+    "build_model",
+    "default_litemedsam_checkpoint",
+    "list_models",
+    "load_weights",
+    "register_model",
+]

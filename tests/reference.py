@@ -1,0 +1,70 @@
+"""Access to the numerical reference folder (``shared/reference``) for parity tests.
+
+The folder lives next to the repository checkout (``<checkout>/../shared/reference``); set
+``HARNESS_REFERENCE_DIR`` to use another location. Tests call :func:`require_reference` to skip
+cleanly when it is absent. Its generators (``make_weights.py``, ``make_inputs.py``) are
+imported from the folder, not copied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+REFERENCE_DIR = Path(
+    os.environ.get(
+        "HARNESS_REFERENCE_DIR",
+        Path(__file__).resolve().parents[1].parent / "shared" / "reference",
+    )
+)
+
+
+def require_reference(*relative: str) -> Path:
+    """Skip the calling test unless the reference folder (and ``relative`` inside it) exists.
+
+    Returns:
+        ``REFERENCE_DIR / relative``.
+    """
+    target = REFERENCE_DIR.joinpath(*relative)
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(
+            f"reference folder {REFERENCE_DIR} is absent "
+            "(set HARNESS_REFERENCE_DIR to its location)"
+        )
+    if not target.exists():
+        pytest.skip(f"reference file {target} is absent")
+    return target
+
+
+@lru_cache(maxsize=None)
+def _reference_module(name: str) -> ModuleType:
+    """Import ``REFERENCE_DIR/<name>.py`` under a private module name."""
+    path = require_reference(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_harness_reference_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_state_dict(model_key: str, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic synthetic weights for ``model_key`` (e.g. "lite_medsam") and ``seed``."""
+    manifest = require_reference(model_key, "manifest.json")
+    return _reference_module("make_weights").make_state_dict(str(manifest), seed)
+
+
+def make_case_inputs(seed: int, input_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic (image_u8 (1, 3, S, S), boxes (3, 4) float32) for ``seed``."""
+    return _reference_module("make_inputs").make_case_inputs(seed, input_size)
+
+
+def load_npz(*relative: str) -> dict[str, np.ndarray]:
+    """Load a reference npz file fully into memory."""
+    with np.load(require_reference(*relative)) as data:
+        return {key: data[key] for key in data.files}

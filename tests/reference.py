@@ -1,4 +1,5 @@
-"""Access to the numerical reference folder (``shared/reference``) for parity tests.
+"""Access to the numerical reference folder (``shared/reference``) and the real validation cases
+(``shared/data/validation``, override with ``HARNESS_DATA_DIR``) for parity and end-to-end tests.
 
 The folder lives next to the repository checkout (``<checkout>/../shared/reference``); set
 ``HARNESS_REFERENCE_DIR`` to use another location. Tests call :func:`require_reference` to skip
@@ -24,6 +25,21 @@ REFERENCE_DIR = Path(
         Path(__file__).resolve().parents[1].parent / "shared" / "reference",
     )
 )
+
+
+DATA_DIR = Path(
+    os.environ.get(
+        "HARNESS_DATA_DIR",
+        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "validation",
+    )
+)
+
+
+def require_data() -> Path:
+    """Skip the calling test unless the real validation cases (``DATA_DIR/imgs``) exist."""
+    if not (DATA_DIR / "imgs").is_dir():
+        pytest.skip(f"validation cases {DATA_DIR}/imgs are absent (set HARNESS_DATA_DIR to their location)")
+    return DATA_DIR
 
 
 def require_reference(*relative: str) -> Path:

@@ -1,0 +1,101 @@
+"""Score a folder of predictions against a folder of ground truths, as the challenge does.
+
+``score_dirs(segs_dir, gts_dir)`` gives one row per ``gts_dir/*.npz`` (sorted by
+name) with the challenge DSC and NSD (:func:`harness.metrics.case_metrics`).
+A case that cannot be scored (missing or unreadable seg file, missing key,
+shape mismatch, 3D case without spacing) gets ``dsc = nsd = 0`` and a message in
+the ``error`` column instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.cases import modality_from_name
+from harness.metrics import case_metrics
+
+__all__ = ["COLUMNS", "score_case", "score_dirs"]
+
+#: Columns of the frame returned by :func:`score_dirs`, in order.
+COLUMNS = ["case", "dsc", "nsd", "modality", "error"]
+
+
+def _read_key(path: Path, key: str) -> np.ndarray | None:
+    with np.load(path, allow_pickle=False) as npz:
+        return npz[key] if key in npz.files else None
+
+
+def score_case(gt_path: str | os.PathLike, seg_path: str | os.PathLike,
+               imgs_path: str | os.PathLike | None = None) -> dict:
+    """Score one case; never raises for a problem of the files (see the ``error`` field).
+
+    ``gts`` (and, for 3D, ``spacing``) come from ``gt_path``; when the gts file
+    has no ``spacing``, it is read from ``imgs_path`` if given.  ``segs`` comes
+    from ``seg_path``.
+    """
+    gt_path = Path(gt_path)
+    seg_path = Path(seg_path)
+    row = {"case": gt_path.name, "dsc": 0.0, "nsd": 0.0,
+           "modality": modality_from_name(gt_path.name), "error": ""}
+    try:
+        gts = _read_key(gt_path, "gts")
+        if gts is None:
+            raise ValueError(f"{gt_path.name}: no 'gts' array in the ground-truth file")
+        if not seg_path.is_file():
+            raise FileNotFoundError(f"missing prediction {seg_path}")
+        segs = _read_key(seg_path, "segs")
+        if segs is None:
+            raise ValueError(f"{seg_path}: no 'segs' array in the prediction file")
+        if segs.shape != gts.shape:
+            raise ValueError(f"shape mismatch: segs {segs.shape} vs gts {gts.shape}")
+        spacing = None
+        if gts.ndim == 3:
+            spacing = _read_key(gt_path, "spacing")
+            if spacing is None and imgs_path is not None and Path(imgs_path).is_file():
+                spacing = _read_key(Path(imgs_path), "spacing")
+            if spacing is None:
+                raise ValueError("3D case without 'spacing' in the gts file (or the imgs file)")
+        metrics = case_metrics(gts, segs, spacing)
+        row["dsc"] = metrics.dsc
+        row["nsd"] = metrics.nsd
+    except Exception as exc:  # noqa: BLE001 - an unscorable case becomes an error row
+        row.update(dsc=0.0, nsd=0.0, error=f"{type(exc).__name__}: {exc}")
+    return row
+
+
+def _score_job(args: tuple[str, str, str | None]) -> dict:
+    return score_case(*args)
+
+
+def score_dirs(segs_dir: str | os.PathLike, gts_dir: str | os.PathLike, workers: int = 1,
+               imgs_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Challenge DSC/NSD of every ``gts_dir/*.npz`` against ``segs_dir/<same name>``.
+
+    Returns a DataFrame with columns ``case, dsc, nsd, modality, error`` (one row
+    per ground-truth file, sorted by file name, values at full float precision;
+    ``error`` is ``""`` for a scored case).  ``imgs_dir`` optionally supplies the
+    3D ``spacing`` when a gts file lacks it.  ``workers > 1`` scores cases in
+    that many processes.
+    """
+    segs_dir = Path(segs_dir)
+    gts_dir = Path(gts_dir)
+    jobs = []
+    for gt_path in sorted(gts_dir.glob("*.npz"), key=lambda p: p.name):
+        img = str(Path(imgs_dir) / gt_path.name) if imgs_dir is not None else None
+        jobs.append((str(gt_path), str(segs_dir / gt_path.name), img))
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            rows = list(pool.map(_score_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    else:
+        rows = [_score_job(job) for job in jobs]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["dsc"] = frame["dsc"].astype(float)
+    frame["nsd"] = frame["nsd"].astype(float)
+    frame["error"] = frame["error"].astype(str)
+    return frame

@@ -1,0 +1,373 @@
+"""One box-prompt inference engine (2D images and 3D slice propagation) for SAM-style models.
+
+The engine takes any module with the SAM sub-module interface::
+
+    model.image_encoder(x)                      (B, 3, S, S) float32 -> (B, 256, 64, 64)
+    model.prompt_encoder(points=None, boxes=(B, 4), masks=None) -> (sparse, dense)
+    model.prompt_encoder.get_dense_pe()         (1, 256, 64, 64)
+    model.mask_decoder(image_embeddings=, image_pe=, sparse_prompt_embeddings=,
+                       dense_prompt_embeddings=, multimask_output=False) -> (low_res (B,1,256,256), iou)
+
+and a :class:`PipelineConfig`.  Every difference between the upstream pipelines is a config
+field, and the named presets below pin the combination each upstream script uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import preprocess as pp
+
+__all__ = [
+    "PipelineConfig",
+    "BoxPromptEngine",
+    "LITEMEDSAM_CVPR24",
+    "LITEMEDSAM_SRC_INFER",
+    "MEDFICIENTSAM_DOCKER",
+    "MEDFICIENTSAM_SRC_INFER",
+    "MEDSAM_MFS",
+    "PRESETS",
+    "z_plan",
+]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Options that distinguish the upstream box-prompt pipelines.
+
+    input_size      letterbox side fed to the image encoder (256 / 512 / 1024).
+    prompt_size     frame the boxes are scaled into: ``int(b * prompt_size / max(H, W))``.
+    resize          ``"area"``: cv2 INTER_AREA on uint8 HWC + float64 min-max (LiteMedSAM);
+                    ``"bilinear_u8"``: torch bilinear on the uint8 tensor + float32 min-max
+                    (medficientsam).
+    postprocess     ``"crop_resize"``: crop the 256 logits then resize to (H, W) (LiteMedSAM);
+                    ``"upsample_crop_resize"``: 256 -> S, crop, resize to (H, W) (medficientsam).
+    threshold       ``"sigmoid"``: ``sigmoid > 0.5`` (LiteMedSAM); ``"logit"``: ``> 0``.
+    z_range         ``"inclusive"``: slices z_middle..z_max and z_middle-1..z_min, both ends
+                    included and clipped to the volume (LiteMedSAM);
+                    ``"exclusive"``: z_middle..z_max-1 and z_middle-1..z_min (medficientsam).
+    z_middle        ``"lite"``: ``int((z_max - z_min) / 2 + z_min)``;
+                    ``"mfs"``: ``(z_min + z_max) // 2`` on float32 values.
+    propagate_box   ``"prev_mask_256_shift3"``: previous slice's label mask letterboxed with
+                    INTER_AREA, padded, bbox grown by ``propagate_shift`` and clamped to the
+                    input frame (LiteMedSAM); ``"prev_mask_tight"``: tight bbox of the previous
+                    slice's mask at original resolution, rescaled like the input boxes
+                    (medficientsam).  Empty previous mask -> the slice box given as input.
+    propagate_shift bbox growth for ``prev_mask_256_shift3`` (upstream: 3).
+    clamp_z         clamp z_min/z_max to [0, D] before planning (medficientsam src/infer.py).
+                    Without it an ``"exclusive"`` plan indexes exactly as upstream does
+                    (negative z wraps, z >= D raises IndexError).
+    batch_boxes_2d  decode all 2D boxes in one decoder call (src/infer.py) instead of one
+                    call per box (the challenge/Docker scripts).
+    cache_slice_embeddings
+                    reuse a slice's embedding across the boxes of one 3D case.  No upstream
+                    torch pipeline does this (False = upstream behaviour); the encoder is
+                    deterministic, so it only changes run time.
+    """
+
+    name: str = "custom"
+    input_size: int = 256
+    prompt_size: int = 256
+    resize: str = "area"
+    postprocess: str = "crop_resize"
+    threshold: str = "sigmoid"
+    z_range: str = "inclusive"
+    z_middle: str = "lite"
+    propagate_box: str = "prev_mask_256_shift3"
+    propagate_shift: int = 3
+    clamp_z: bool = False
+    batch_boxes_2d: bool = False
+    cache_slice_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        choices = {
+            "resize": ("area", "bilinear_u8"),
+            "postprocess": ("crop_resize", "upsample_crop_resize"),
+            "threshold": ("sigmoid", "logit"),
+            "z_range": ("inclusive", "exclusive"),
+            "z_middle": ("lite", "mfs"),
+            "propagate_box": ("prev_mask_256_shift3", "prev_mask_tight"),
+        }
+        for field_name, allowed in choices.items():
+            if getattr(self, field_name) not in allowed:
+                raise ValueError(f"{field_name}={getattr(self, field_name)!r}; expected one of {allowed}")
+        if self.propagate_box == "prev_mask_256_shift3" and self.prompt_size != self.input_size:
+            raise ValueError("prev_mask_256_shift3 builds boxes in the input frame; needs prompt_size == input_size")
+        if self.postprocess == "crop_resize" and self.input_size != 256:
+            raise ValueError("crop_resize crops the 256x256 logits; needs input_size == 256")
+
+    def with_options(self, **changes) -> "PipelineConfig":
+        return replace(self, **changes)
+
+
+# LiteMedSAM challenge baseline: bowang-lab/MedSAM@LiteMedSAM CVPR24_LiteMedSAM_infer.py
+# (reference: shared/reference/lite_medsam/e2e_<case>.npz).
+LITEMEDSAM_CVPR24 = PipelineConfig(
+    name="litemedsam_cvpr24",
+    input_size=256,
+    prompt_size=256,
+    resize="area",
+    postprocess="crop_resize",
+    threshold="sigmoid",
+    z_range="inclusive",
+    z_middle="lite",
+    propagate_box="prev_mask_256_shift3",
+    clamp_z=False,
+    batch_boxes_2d=False,
+)
+
+# medficientsam src/infer.py + MedSAMInferDataset with experiment=infer_lite_medsam (256 / prompt 256)
+# (reference: shared/reference/lite_medsam/e2e_<case>__src_infer_py.npz).
+LITEMEDSAM_SRC_INFER = PipelineConfig(
+    name="litemedsam_src_infer",
+    input_size=256,
+    prompt_size=256,
+    resize="bilinear_u8",
+    postprocess="upsample_crop_resize",
+    threshold="logit",
+    z_range="exclusive",
+    z_middle="mfs",
+    propagate_box="prev_mask_tight",
+    clamp_z=True,
+    batch_boxes_2d=True,
+)
+
+# medficientsam Docker submission: infer_scripts/infer_torch.py (512 / prompt 512, per-box 2D decode,
+# no z clamp) (reference: shared/reference/medficientsam_l{0,1,2}/e2e_<case>.npz).
+MEDFICIENTSAM_DOCKER = PipelineConfig(
+    name="medficientsam_docker",
+    input_size=512,
+    prompt_size=512,
+    resize="bilinear_u8",
+    postprocess="upsample_crop_resize",
+    threshold="logit",
+    z_range="exclusive",
+    z_middle="mfs",
+    propagate_box="prev_mask_tight",
+    clamp_z=False,
+    batch_boxes_2d=False,
+)
+
+# medficientsam src/infer.py with experiment=infer_finetuned_l{0,1,2} (512 / prompt 512, batched 2D,
+# z clamped) (reference: shared/reference/medficientsam_l{0,1,2}/e2e_<case>__src_infer_py.npz).
+MEDFICIENTSAM_SRC_INFER = MEDFICIENTSAM_DOCKER.with_options(
+    name="medficientsam_src_infer", clamp_z=True, batch_boxes_2d=True
+)
+
+# MedSAM ViT-B as medficientsam runs it: src/infer.py with experiment=infer_medsam (letterbox 1024,
+# prompt 1024) (reference: shared/reference/medsam_vit_b/e2e_<case>.npz).  Not MedSAM's own
+# squash-resize MedSAM_Inference.py.
+MEDSAM_MFS = MEDFICIENTSAM_SRC_INFER.with_options(name="medsam_mfs", input_size=1024, prompt_size=1024)
+
+PRESETS: Dict[str, PipelineConfig] = {
+    c.name: c
+    for c in (LITEMEDSAM_CVPR24, LITEMEDSAM_SRC_INFER, MEDFICIENTSAM_DOCKER, MEDFICIENTSAM_SRC_INFER, MEDSAM_MFS)
+}
+
+
+def z_plan(z_min, z_max, depth: int, config: PipelineConfig) -> Tuple[int, List[int], List[int]]:
+    """(z_middle, upward slices, downward slices) for one 3D box, as the upstream loops run them.
+
+    The upward list starts at z_middle (prompted with the given box); every later slice is
+    prompted from its neighbour towards z_middle.  Indices are returned as upstream computes
+    them (an unclamped ``"exclusive"`` plan can contain negative z, which index from the end).
+    """
+    if config.clamp_z:
+        z_min = max(z_min, 0)
+        z_max = min(z_max, depth)
+    if config.z_middle == "lite":
+        z_mid = int((z_max - z_min) / 2 + z_min)
+    else:  # medficientsam keeps boxes as float32 tensors
+        z_mid = float(np.floor_divide(np.float32(z_max) + np.float32(z_min), np.float32(2)))
+    if config.z_range == "inclusive":
+        upward = list(range(int(z_mid), min(int(z_max) + 1, depth)))
+        downward = list(range(int(z_mid) - 1, max(-1, int(z_min) - 1), -1))
+    else:
+        upward = list(range(int(z_mid), int(z_max)))
+        downward = list(range(int(z_mid - 1), int(z_min - 1), -1))
+    return int(z_mid), upward, downward
+
+
+class BoxPromptEngine:
+    """Box-prompted segmentation of a 2D image or a 3D volume with one SAM-style model."""
+
+    def __init__(self, model: torch.nn.Module, config: PipelineConfig = LITEMEDSAM_CVPR24, device=None):
+        self.model = model
+        self.config = config
+        if device is None:
+            try:
+                device = next(model.parameters()).device
+            except StopIteration:
+                device = torch.device("cpu")
+        self.device = torch.device(device)
+        self._volume: Optional[np.ndarray] = None
+        self._slice_cache: Dict[int, torch.Tensor] = {}
+        self._new_size: Tuple[int, int] = (0, 0)
+        self._dense_pe: Optional[torch.Tensor] = None
+        self.encoder_calls = 0
+
+    # ------------------------------------------------------------------ public API
+    def segment(self, imgs: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """uint16 label map with the spatial shape of ``imgs``; box row i -> label i + 1.
+
+        2D: ``imgs`` (H, W) or (H, W, 3), ``boxes`` (N, 4) [x_min, y_min, x_max, y_max].
+        3D: ``imgs`` (D, H, W) (or (D, H, W, 3)), ``boxes`` (N, 6)
+        [x_min, y_min, z_min, x_max, y_max, z_max].  Later boxes overwrite earlier ones.
+        """
+        imgs = _as_uint8(np.asarray(imgs))
+        boxes = np.asarray(boxes)
+        if boxes.size == 0:
+            boxes = boxes.reshape(0, 6 if _looks_3d(imgs, None) else 4)
+        if boxes.ndim == 1:
+            boxes = boxes[None]
+        is_3d = _looks_3d(imgs, boxes)
+        with torch.inference_mode():
+            self._dense_pe = None
+            try:
+                if is_3d:
+                    return self.segment_3d(imgs, boxes)
+                return self.segment_2d(imgs, boxes)
+            finally:
+                self._dense_pe = None
+
+    def segment_2d(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        rgb = pp.ensure_rgb(image)
+        original_size = rgb.shape[:2]
+        segs = np.zeros(original_size, dtype=np.uint16)
+        if len(boxes) == 0:
+            return segs
+        if boxes.shape[-1] != 4:
+            raise ValueError(f"2D boxes must be (N, 4), got {boxes.shape}")
+        with torch.inference_mode():
+            tensor, new_size = pp.preprocess_image(rgb, cfg.input_size, cfg.resize)
+            embedding = self.encode(tensor)
+            prompts = np.stack([pp.scale_box(b, original_size, cfg.prompt_size) for b in boxes])
+            groups = [np.arange(len(prompts))] if cfg.batch_boxes_2d else [np.array([i]) for i in range(len(prompts))]
+            for group in groups:
+                low_res = self.decode(embedding, prompts[group])
+                for row, i in enumerate(group):  # postprocess one box at a time (same numbers, less memory)
+                    mask = self.to_mask(low_res[row : row + 1], new_size, original_size)
+                    segs[mask] = i + 1
+        return segs
+
+    def segment_3d(self, volume: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        depth = volume.shape[0]
+        original_size = volume.shape[1:3]
+        segs = np.zeros(volume.shape[:3], dtype=np.uint16)
+        if len(boxes) == 0:
+            return segs
+        if boxes.shape[-1] != 6:
+            raise ValueError(f"3D boxes must be (N, 6), got {boxes.shape}")
+        self.begin_volume(volume)
+        try:
+            with torch.inference_mode():
+                for i, box in enumerate(boxes):
+                    label = i + 1
+                    x_min, y_min, z_min, x_max, y_max, z_max = box
+                    default_box = pp.scale_box(np.array([x_min, y_min, x_max, y_max]), original_size, cfg.prompt_size)
+                    z_mid, upward, downward = z_plan(z_min, z_max, depth, cfg)
+                    # LiteMedSAM keeps the label value in its uint8 per-box volume and letterboxes it
+                    # for propagation; the value changes INTER_AREA rounding, so keep it (<= 255).
+                    fill = min(label, 255) if cfg.propagate_box == "prev_mask_256_shift3" else 1
+                    temp = np.zeros(volume.shape[:3], dtype=np.uint8)
+                    for step, z in enumerate(upward):
+                        prompt = default_box if step == 0 else self.propagated_box(temp[z - 1], default_box)
+                        temp[z][self.segment_slice(z, prompt)] = fill
+                    for z in downward:
+                        prompt = self.propagated_box(temp[z + 1], default_box)
+                        temp[z][self.segment_slice(z, prompt)] = fill
+                    segs[temp > 0] = label
+        finally:
+            self.end_volume()
+        return segs
+
+    # ------------------------------------------------------------------ building blocks
+    def encode(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.encoder_calls += 1
+        return self.model.image_encoder(tensor.to(self.device))
+
+    def decode(self, embedding: torch.Tensor, prompt_boxes: np.ndarray) -> torch.Tensor:
+        """Low-res logits (B, 1, 256, 256) for B boxes already in the prompt frame."""
+        boxes = torch.as_tensor(np.asarray(prompt_boxes, dtype=np.float64).reshape(-1, 4), dtype=torch.float32)
+        boxes = boxes.to(self.device)
+        sparse, dense = self.model.prompt_encoder(points=None, boxes=boxes, masks=None)
+        if self._dense_pe is None:
+            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        low_res, _ = self.model.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self._dense_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return low_res
+
+    def to_mask(self, low_res: torch.Tensor, new_size, original_size) -> np.ndarray:
+        """(1, 1, h, w) logits -> boolean (H, W) mask at the original size."""
+        logits = pp.postprocess_logits(low_res, new_size, original_size, self.config.postprocess)
+        return pp.logits_to_mask(logits, self.config.threshold)[0, 0].cpu().numpy()
+
+    def propagated_box(self, previous_mask: np.ndarray, default_box: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        if cfg.propagate_box == "prev_mask_256_shift3":
+            box = pp.letterbox_mask_bbox(previous_mask, cfg.input_size, cfg.propagate_shift)
+            return default_box if box is None else box
+        box = pp.mask_bbox(previous_mask)
+        if box is None:
+            return default_box
+        return pp.scale_box(box, previous_mask.shape[:2], cfg.prompt_size)
+
+    # ------------------------------------------------------------------ per-volume state
+    def begin_volume(self, volume: np.ndarray) -> None:
+        self._volume = volume
+        self._slice_cache = {}
+        self._new_size = pp.letterbox_size(volume.shape[1], volume.shape[2], self.config.input_size)
+
+    def end_volume(self) -> None:
+        self._volume = None
+        self._slice_cache = {}
+
+    def slice_tensor(self, z: int) -> torch.Tensor:
+        """Encoder input (1, 3, S, S) for slice z of the current volume."""
+        rgb = pp.ensure_rgb(self._volume[z])
+        tensor, _ = pp.preprocess_image(rgb, self.config.input_size, self.config.resize)
+        return tensor
+
+    def encode_slice(self, z: int) -> torch.Tensor:
+        """Embedding of slice z of the current volume (upstream: recomputed every time)."""
+        depth = self._volume.shape[0]
+        key = z + depth if -depth <= z < 0 else z
+        if self.config.cache_slice_embeddings and key in self._slice_cache:
+            return self._slice_cache[key]
+        embedding = self.encode(self.slice_tensor(z))
+        if self.config.cache_slice_embeddings:
+            self._slice_cache[key] = embedding.clone()
+        return embedding
+
+    def segment_slice(self, z: int, prompt_box: np.ndarray) -> np.ndarray:
+        embedding = self.encode_slice(z)
+        low_res = self.decode(embedding, prompt_box)
+        return self.to_mask(low_res, self._new_size, self._volume.shape[1:3])
+
+
+def _as_uint8(imgs: np.ndarray) -> np.ndarray:
+    if imgs.dtype == np.uint8:
+        return imgs
+    if imgs.size and (imgs.min() < 0 or imgs.max() > 255):
+        raise ValueError(f"images must be in [0, 255], got range [{imgs.min()}, {imgs.max()}]")
+    return imgs.astype(np.uint8)
+
+
+def _looks_3d(imgs: np.ndarray, boxes: Optional[np.ndarray]) -> bool:
+    if boxes is not None and boxes.ndim == 2 and boxes.shape[1] in (4, 6):
+        return boxes.shape[1] == 6
+    if imgs.ndim == 2:
+        return False
+    if imgs.ndim == 3:
+        return imgs.shape[-1] != 3
+    return imgs.ndim == 4

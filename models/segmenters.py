@@ -1,0 +1,58 @@
+"""Glue between a torch model + pipeline preset and the harness's Segmenter protocol."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.checkpoints import load_weights
+from models.complexity import count_macs, count_parameters
+from models.engine import BoxPromptEngine, PipelineConfig
+from models.registry import build_model
+
+
+class TorchSegmenter:
+    """A registered torch model run through the shared :class:`~models.engine.BoxPromptEngine`."""
+
+    def __init__(self, model_name: str, model: torch.nn.Module, config: PipelineConfig, weights: str):
+        self.model_name = model_name
+        self.model = model.eval()
+        self.config = config
+        self.weights = weights
+        self.engine = BoxPromptEngine(self.model, config)
+
+    @classmethod
+    def from_checkpoint(cls, model_name: str, path: str | Path, config: PipelineConfig, options=None) -> "TorchSegmenter":
+        """Build ``model_name``, load ``path`` (weights_only=True, strict) and wrap it with ``config``."""
+        if options is not None and options.threads:
+            torch.set_num_threads(options.threads)
+        model = build_model(model_name)
+        load_weights(model, path)
+        device = options.device if options is not None else "cpu"
+        return cls(model_name, model.to(device), config, weights=str(path))
+
+    def segment(self, case) -> np.ndarray:
+        return self.engine.segment(case.imgs, case.boxes)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "params": count_parameters(self.model),
+            "flops": count_macs(self.model, self.config.input_size),
+            "weights": self.weights,
+            "weights_sha256": _sha256(self.weights),
+            "pipeline": self.config.name,
+        }
+
+
+def _sha256(path: str) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with p.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

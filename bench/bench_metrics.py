@@ -16,8 +16,8 @@ Cases:
 
 Usage::
 
-    /work/venv/bin/pip install surface-distance==0.1   # baseline only, not a project dependency
-    /work/venv/bin/python bench/bench_metrics.py [--repeat 3] [--with-2d]
+    pip install -e ".[dev]"        # the dev extra brings surface-distance==0.1, the baseline
+    python bench/bench_metrics.py [--repeat 3] [--with-2d]
 
 Prints a markdown table with per-case times (best of ``--repeat``), the
 speed-up ratio and the largest |difference| of DSC/NSD; exits non-zero if any

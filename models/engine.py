@@ -119,22 +119,6 @@ LITEMEDSAM_CVPR24 = PipelineConfig(
     batch_boxes_2d=False,
 )
 
-# medficientsam src/infer.py + MedSAMInferDataset with experiment=infer_lite_medsam (256 / prompt 256)
-# (reference: shared/reference/lite_medsam/e2e_<case>__src_infer_py.npz).
-LITEMEDSAM_SRC_INFER = PipelineConfig(
-    name="litemedsam_src_infer",
-    input_size=256,
-    prompt_size=256,
-    resize="bilinear_u8",
-    postprocess="upsample_crop_resize",
-    threshold="logit",
-    z_range="exclusive",
-    z_middle="mfs",
-    propagate_box="prev_mask_tight",
-    clamp_z=True,
-    batch_boxes_2d=True,
-)
-
 # medficientsam Docker submission: infer_scripts/infer_torch.py (512 / prompt 512, per-box 2D decode,
 # no z clamp) (reference: shared/reference/medficientsam_l{0,1,2}/e2e_<case>.npz).
 MEDFICIENTSAM_DOCKER = PipelineConfig(
@@ -155,6 +139,12 @@ MEDFICIENTSAM_DOCKER = PipelineConfig(
 # z clamped) (reference: shared/reference/medficientsam_l{0,1,2}/e2e_<case>__src_infer_py.npz).
 MEDFICIENTSAM_SRC_INFER = MEDFICIENTSAM_DOCKER.with_options(
     name="medficientsam_src_infer", clamp_z=True, batch_boxes_2d=True
+)
+
+# medficientsam src/infer.py + MedSAMInferDataset with experiment=infer_lite_medsam (256 / prompt 256)
+# (reference: shared/reference/lite_medsam/e2e_<case>__src_infer_py.npz).
+LITEMEDSAM_SRC_INFER = MEDFICIENTSAM_SRC_INFER.with_options(
+    name="litemedsam_src_infer", input_size=256, prompt_size=256
 )
 
 # MedSAM ViT-B as medficientsam runs it: src/infer.py with experiment=infer_medsam (letterbox 1024,

@@ -104,9 +104,14 @@ class HarnessPlugins:
         found: dict[str, SegmenterSpec] = {}
         owner: dict[str, str] = {}
         per_plugin: dict[str, list[str]] = {}
+        plugins = self.pm.get_plugins()
         for impl in self.pm.hook.harness_segmenters.get_hookimpls():
             plugin_name = self.pm.get_name(impl.plugin)
-            specs = impl.function() or []
+            # One plugin at a time (to know whose segmenters these are), still through pluggy's
+            # hook caller so that HARNESS_TRACE_PLUGINS sees the call.
+            others = [p for p in plugins if p is not impl.plugin]
+            specs = self.pm.subset_hook_caller("harness_segmenters", remove_plugins=others)() or []
+            specs = [spec for result in specs for spec in (result or [])]
             for spec in specs:
                 if not isinstance(spec, SegmenterSpec):
                     raise PluginError(f"{self._source(plugin_name)} returned {type(spec).__name__}, not a SegmenterSpec")

@@ -142,3 +142,10 @@ def test_broken_plugin_is_reported_not_fatal(tmp_path, third_party_env):
     assert listing.returncode == 1
     assert "FAILED: plugin 'centrefill'" in listing.stdout and "boom" in listing.stdout
     assert "boxfill" in listing.stdout
+
+
+def test_trace_env_var_prints_hook_calls(tmp_path):
+    env = dict(os.environ, HARNESS_TRACE_PLUGINS="1", HARNESS_LOAD_PLUGINS="boxfill")
+    listing = harness_cli(["plugins"], env=env, cwd=tmp_path)
+    assert listing.returncode == 0
+    assert "harness_segmenters" in listing.stderr and "boxfill" in listing.stdout

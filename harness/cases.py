@@ -17,13 +17,14 @@ read with ``allow_pickle=False``: a pickled (object) array is refused, never exe
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from harness.atomic import atomic_writer
 
 __all__ = [
     "CaseError",
@@ -284,11 +285,15 @@ def load_case(path: str | os.PathLike) -> Case:
     )
 
 
-def load_ground_truth(path: str | os.PathLike, case: Case | None = None) -> GroundTruth:
-    """Load ``gts/<name>.npz``; with ``case``, check it matches the case's shape and take spacing from it.
+def load_ground_truth(
+    path: str | os.PathLike,
+    case: Case | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> GroundTruth:
+    """Load ``gts/<name>.npz``; with ``case``, check it matches the case's shape.
 
-    3D spacing comes from the gts file (as the challenge's compute_metrics.py reads it), else from the
-    case file. Raises :class:`CaseError`.
+    3D spacing comes from the gts file (as the challenge's compute_metrics.py reads it), else from
+    ``case``, else from ``spacing``. Raises :class:`CaseError`.
     """
     path = Path(path)
     arrays = _open_npz(path)
@@ -303,12 +308,13 @@ def load_ground_truth(path: str | os.PathLike, case: Case | None = None) -> Grou
         raise CaseError(path, f"gts has shape {gts.shape}; expected (H,W) or (D,H,W)")
     if case is not None and tuple(gts.shape) != tuple(case.spatial_shape):
         raise CaseError(path, f"gts shape {gts.shape} does not match imgs shape {case.spatial_shape} of {case.path}")
+    fallback = case.spacing if case is not None and case.spacing is not None else spacing
     spacing = None
     if gts.ndim == 3:
         if "spacing" in arrays:
             spacing = _check_spacing(arrays["spacing"], path)
-        elif case is not None and case.spacing is not None:
-            spacing = case.spacing
+        elif fallback is not None:
+            spacing = fallback
         else:
             raise CaseError(path, "3D ground truth without 'spacing' (needed for NSD), and the case has none")
     return GroundTruth(path=path, gts=gts, spacing=spacing)
@@ -317,17 +323,10 @@ def load_ground_truth(path: str | os.PathLike, case: Case | None = None) -> Grou
 def save_segs(path: str | os.PathLike, segs: np.ndarray) -> None:
     """Write ``segs`` as uint16 into a compressed npz, atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if segs.size and (segs.min() < 0 or segs.max() > np.iinfo(np.uint16).max):
         raise ValueError(f"{path}: segs labels out of the uint16 range")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, segs=segs.astype(np.uint16, copy=False))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, "wb") as fh:
+        np.savez_compressed(fh, segs=segs.astype(np.uint16, copy=False))
 
 
 def load_segs(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> np.ndarray:

@@ -12,6 +12,13 @@ from harness.results import StoreLockedError
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _weights_arg(values: list[str]) -> dict[str, Path]:
     weights: dict[str, Path] = {}
     for item in values:
@@ -116,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(DEMO_DIR),
                    help="folder with imgs/*.npz and optionally gts/*.npz (default: the bundled demo set)")
     p.add_argument("--out", default="results", help="output folder (default: ./results)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=_positive_int, default=None,
                    help="at most N cases, taken round-robin over modalities (for quick checks)")
     p.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
                    help="weights file for a model (repeatable); default: the model's bundled weights")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads to pin (default: all available)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
     p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
@@ -131,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segs", required=True, help="folder of <case>.npz files with key 'segs'")
     p.add_argument("--gts", required=True, help="folder of <case>.npz files with key 'gts' (and 'spacing' for 3D)")
     p.add_argument("-o", "--output", help="CSV file to write (default: stdout)")
-    p.add_argument("--workers", type=int, default=1, help="processes to score with")
+    p.add_argument("--workers", type=_positive_int, default=1, help="processes to score with")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("leaderboard", help="render the markdown leaderboard of a run folder")

@@ -73,23 +73,27 @@ class HarnessPlugins:
 
     def _load_entry_points(self) -> None:
         allowed = _allowed_names()
-        seen: set[str] = set()
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
             if allowed is not None and ep.name not in allowed:
                 continue
-            if ep.name in seen:
-                # The same distribution can be visible twice on sys.path (e.g. editable + wheel).
-                continue
-            seen.add(ep.name)
             dist = ep.dist
+            if ep.name in self._info:
+                origin = f"{ep.value} from {dist.name if dist else '?'}"
+                self._fail(ep.name, f"two plugins are named '{ep.name}': {self._info[ep.name].source} and {origin}; "
+                                    f"the second is not loaded")
+                continue
             try:
                 plugin = ep.load()
             except Exception as exc:  # noqa: BLE001 - one broken plugin must not take the others down
                 origin = dist.name if dist else "?"
-                self.failed[ep.name] = f"plugin '{ep.name}' ({ep.value}, from {origin}) failed to import: {exc}"
-                warnings.warn(self.failed[ep.name], RuntimeWarning, stacklevel=2)
+                self._fail(ep.name, f"plugin '{ep.name}' ({ep.value}, from {origin}) failed to import: {exc}")
                 continue
             self.register(plugin, ep.name, dist.name if dist else "unknown", dist.version if dist else "")
+
+    def _fail(self, name: str, message: str) -> None:
+        """Record a plugin that cannot be used; the others go on."""
+        self.failed[name] = message
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def register(self, plugin: object, name: str, distribution: str = "local", version: str = "") -> None:
         """Register a plugin object or module (used for entry points, and by tests)."""
@@ -110,8 +114,13 @@ class HarnessPlugins:
             # One plugin at a time (to know whose segmenters these are), still through pluggy's
             # hook caller so that HARNESS_TRACE_PLUGINS sees the call.
             others = [p for p in plugins if p is not impl.plugin]
-            specs = self.pm.subset_hook_caller("harness_segmenters", remove_plugins=others)() or []
-            specs = [spec for result in specs for spec in (result or [])]
+            try:
+                results = self.pm.subset_hook_caller("harness_segmenters", remove_plugins=others)()
+            except Exception as exc:  # noqa: BLE001 - one broken plugin must not take the others down
+                self._fail(plugin_name, f"{self._source(plugin_name)} failed in harness_segmenters: "
+                                        f"{type(exc).__name__}: {exc}")
+                continue
+            specs = [spec for result in results for spec in (result or [])]
             for spec in specs:
                 if not isinstance(spec, SegmenterSpec):
                     raise PluginError(f"{self._source(plugin_name)} returned {type(spec).__name__}, not a SegmenterSpec")

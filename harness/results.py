@@ -15,9 +15,11 @@ import fcntl
 import json
 import math
 import os
-import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from harness.atomic import atomic_writer, sweep_temp_files
 
 RESULTS_FILE = "results.jsonl"
 MODELS_FILE = "models.json"
@@ -29,7 +31,11 @@ class StoreLockedError(RuntimeError):
 
 
 def _clean(value: Any) -> Any:
-    """JSON has no NaN/inf: store them as null."""
+    """Make a value JSON-safe: NaN/inf become null, numpy scalars Python numbers, paths strings."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -46,13 +52,14 @@ def read_records(path: str | os.PathLike) -> list[dict]:
         return []
     records = []
     with path.open("rb") as fh:
-        for raw in fh:
+        for number, raw in enumerate(fh, start=1):
             if not raw.endswith(b"\n"):
                 break
             try:
                 records.append(json.loads(raw))
             except json.JSONDecodeError:
-                continue
+                warnings.warn(f"{path}:{number}: not a JSON record, ignored (that case will run again)",
+                              RuntimeWarning, stacklevel=2)
     return records
 
 
@@ -78,6 +85,7 @@ class ResultsStore:
             self._lock_fh.close()
             raise StoreLockedError(f"{self.out_dir}: another harness run is writing here") from None
         self._repair()
+        sweep_temp_files(self.out_dir)
         self._records = read_records(self.path)
 
     def _repair(self) -> None:
@@ -85,10 +93,14 @@ class ResultsStore:
         if not self.path.is_file():
             return
         with self.path.open("rb+") as fh:
-            data = fh.read()
-            if not data or data.endswith(b"\n"):
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
                 return
-            keep = data.rfind(b"\n") + 1
+            fh.seek(size - 1)
+            if fh.read(1) == b"\n":
+                return
+            fh.seek(0)
+            keep = fh.read().rfind(b"\n") + 1
             fh.truncate(keep)
             fh.flush()
             os.fsync(fh.fileno())
@@ -118,7 +130,7 @@ class ResultsStore:
 
     def append(self, record: dict) -> None:
         """Write one record as one line, durably."""
-        line = (json.dumps(_clean(record), sort_keys=False) + "\n").encode()
+        line = (json.dumps(_clean(record), default=str) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             view = memoryview(line)
@@ -129,9 +141,6 @@ class ResultsStore:
         finally:
             os.close(fd)
         self._records.append(json.loads(line))
-
-    def __iter__(self) -> Iterator[dict]:
-        return iter(self.records())
 
 
 def read_models(out_dir: str | os.PathLike) -> dict[str, dict]:
@@ -150,15 +159,11 @@ def update_models(out_dir: str | os.PathLike, name: str, info: dict) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(_clean(obj), fh, indent=1)
+    with atomic_writer(path, "w") as fh:
+        json.dump(_clean(obj), fh, indent=1, default=str)
         fh.write("\n")
-    os.replace(tmp, path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_writer(path, "w") as fh:
         fh.write(text)
-    os.replace(tmp, path)

@@ -83,10 +83,12 @@ def _check_segs(segs: object, case: Case) -> np.ndarray:
     return segs
 
 
-def _error_text(exc: BaseException) -> str:
+def _error_text(exc: BaseException, path: Path | None = None) -> str:
+    """A CaseError already names its file; any other error is prefixed with ``path``."""
     if isinstance(exc, CaseError):
         return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    text = f"{type(exc).__name__}: {exc}"
+    return f"{path}: {text}" if path is not None else text
 
 
 def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig, threads: int) -> dict:
@@ -143,7 +145,7 @@ def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig,
             )
     except Exception as exc:  # noqa: BLE001 - one bad case never stops the run
         record["status"] = "error"
-        record["error"] = f"while {stage}: {_error_text(exc)}"
+        record["error"] = f"while {stage}: {_error_text(exc, case_path)}"
         if os.environ.get("HARNESS_DEBUG"):
             traceback.print_exc()
     record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -176,6 +178,7 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
     _pin_threads(threads)
     report = RunReport()
     with ResultsStore(config.out_dir) as store:
+        inflight = InFlight(config.out_dir)
         for spec in specs:
             finished = store.finished(spec.name, include_errors=not config.retry_errors)
             pending = [c for c in cases if c.name not in finished]
@@ -186,18 +189,21 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
             options = LoadOptions(weights=config.weights.get(spec.name), device=config.device, threads=threads)
             try:
                 segmenter = spec.load(options)
-                described = segmenter.describe()
+                update_models(config.out_dir, spec.name, _model_info(spec, segmenter.describe(), plugins))
             except Exception as exc:  # noqa: BLE001 - a model that cannot load must not stop the others
                 message = _error_text(exc)
                 report.failed_models[spec.name] = message
                 log(f"{spec.name}: cannot load: {message}")
                 continue
-            update_models(config.out_dir, spec.name, _model_info(spec, described, plugins))
             bar = tqdm(pending, desc=spec.name, unit="case", disable=not config.progress, file=sys.stderr)
             for case_path in bar:
                 bar.set_postfix_str(case_path.name, refresh=False)
-                record = run_case(segmenter, spec, case_path, config, threads)
+                record = inflight.previous_crash(spec.name, case_path)
+                if record is None:
+                    inflight.start(spec.name, case_path)
+                    record = run_case(segmenter, spec, case_path, config, threads)
                 store.append(record)
+                inflight.finish(spec.name, case_path)
                 if record["status"] == "ok":
                     report.done += 1
                 else:
@@ -209,11 +215,48 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
 
 
 def _pin_threads(threads: int) -> None:
-    """Pin torch's intra-op threads when torch is in use (the harness core does not import it)."""
+    """Pin torch's intra-op threads if torch is already loaded (segmenters that load it later pin
+    it themselves from ``LoadOptions.threads``); the core never imports torch."""
     torch = sys.modules.get("torch")
-    if torch is None:
-        try:
-            import torch  # noqa: F811 - imported only to pin its thread pool
-        except ImportError:
-            return
-    torch.set_num_threads(threads)
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+class InFlight:
+    """Markers of the cases being segmented right now, so that a case that kills the process
+    (a segfault, the kernel's OOM killer) does not block every resumed run.
+
+    ``OUT/.inflight/<model>/<case>`` is written before a case starts and removed once its record
+    is stored. A marker found at the next start means that run died inside the case. The first
+    time, the case is simply run again (the user may have pressed Ctrl-C or killed the run); if it
+    is found a second time, the case is recorded as an error and the run moves on.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.root = out_dir / ".inflight"
+
+    def _marker(self, model: str, case_path: Path) -> Path:
+        return self.root / model / case_path.name
+
+    def previous_crash(self, model: str, case_path: Path) -> dict | None:
+        """An error record if this case already died twice, else None."""
+        marker = self._marker(model, case_path)
+        attempts = int(marker.read_text() or 0) if marker.is_file() else 0
+        if attempts < 2:
+            return None
+        return {
+            "model": model, "case": case_path.name, "status": "error", "timing_mode": TIMING_MODE,
+            "runner": RUNNER, "harness_version": __version__,
+            "error": f"{case_path}: the harness process died while segmenting this case, {attempts} times "
+                     "(killed or crashed, e.g. out of memory); use --retry-errors to try again",
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def start(self, model: str, case_path: Path) -> None:
+        marker = self._marker(model, case_path)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        attempts = int(marker.read_text() or 0) if marker.is_file() else 0
+        marker.write_text(str(attempts + 1))
+
+    def finish(self, model: str, case_path: Path) -> None:
+        self._marker(model, case_path).unlink(missing_ok=True)

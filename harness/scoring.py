@@ -9,7 +9,6 @@ the ``error`` column instead of stopping the run.
 
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.cases import modality_from_name
+from harness.cases import CaseError, load_ground_truth, load_segs, modality_from_name
 from harness.metrics import case_metrics
 
 __all__ = ["COLUMNS", "score_case", "score_dirs"]
@@ -26,9 +25,12 @@ __all__ = ["COLUMNS", "score_case", "score_dirs"]
 COLUMNS = ["case", "dsc", "nsd", "modality", "error"]
 
 
-def _read_key(path: Path, key: str) -> np.ndarray | None:
-    with np.load(path, allow_pickle=False) as npz:
-        return npz[key] if key in npz.files else None
+def _imgs_spacing(imgs_path: str | os.PathLike | None) -> tuple[float, float, float] | None:
+    """The ``spacing`` of an images file, if there is one (a fallback for gts files without it)."""
+    if imgs_path is None or not Path(imgs_path).is_file():
+        return None
+    with np.load(imgs_path, allow_pickle=False) as npz:
+        return tuple(float(v) for v in npz["spacing"]) if "spacing" in npz.files else None
 
 
 def score_case(gt_path: str | os.PathLike, seg_path: str | os.PathLike,
@@ -37,35 +39,20 @@ def score_case(gt_path: str | os.PathLike, seg_path: str | os.PathLike,
 
     ``gts`` (and, for 3D, ``spacing``) come from ``gt_path``; when the gts file
     has no ``spacing``, it is read from ``imgs_path`` if given.  ``segs`` comes
-    from ``seg_path``.
+    from ``seg_path``.  Files are read and checked by :mod:`harness.cases`, so an
+    error names the file and the problem.
     """
     gt_path = Path(gt_path)
-    seg_path = Path(seg_path)
     row = {"case": gt_path.name, "dsc": 0.0, "nsd": 0.0,
            "modality": modality_from_name(gt_path.name), "error": ""}
     try:
-        gts = _read_key(gt_path, "gts")
-        if gts is None:
-            raise ValueError(f"{gt_path.name}: no 'gts' array in the ground-truth file")
-        if not seg_path.is_file():
-            raise FileNotFoundError(f"missing prediction {seg_path}")
-        segs = _read_key(seg_path, "segs")
-        if segs is None:
-            raise ValueError(f"{seg_path}: no 'segs' array in the prediction file")
-        if segs.shape != gts.shape:
-            raise ValueError(f"shape mismatch: segs {segs.shape} vs gts {gts.shape}")
-        spacing = None
-        if gts.ndim == 3:
-            spacing = _read_key(gt_path, "spacing")
-            if spacing is None and imgs_path is not None and Path(imgs_path).is_file():
-                spacing = _read_key(Path(imgs_path), "spacing")
-            if spacing is None:
-                raise ValueError("3D case without 'spacing' in the gts file (or the imgs file)")
-        metrics = case_metrics(gts, segs, spacing)
+        gt = load_ground_truth(gt_path, spacing=_imgs_spacing(imgs_path))
+        segs = load_segs(seg_path, gt.gts.shape)
+        metrics = case_metrics(gt.gts, segs, gt.spacing)
         row["dsc"] = metrics.dsc
         row["nsd"] = metrics.nsd
     except Exception as exc:  # noqa: BLE001 - an unscorable case becomes an error row
-        row.update(dsc=0.0, nsd=0.0, error=f"{type(exc).__name__}: {exc}")
+        row.update(dsc=0.0, nsd=0.0, error=str(exc) if isinstance(exc, CaseError) else f"{type(exc).__name__}: {exc}")
     return row
 
 
@@ -85,6 +72,10 @@ def score_dirs(segs_dir: str | os.PathLike, gts_dir: str | os.PathLike, workers:
     """
     segs_dir = Path(segs_dir)
     gts_dir = Path(gts_dir)
+    if not gts_dir.is_dir():
+        raise FileNotFoundError(f"{gts_dir}: no such ground-truth folder")
+    if not any(gts_dir.glob("*.npz")):
+        raise FileNotFoundError(f"{gts_dir}: no ground-truth .npz files")
     jobs = []
     for gt_path in sorted(gts_dir.glob("*.npz"), key=lambda p: p.name):
         img = str(Path(imgs_dir) / gt_path.name) if imgs_dir is not None else None

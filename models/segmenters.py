@@ -18,6 +18,10 @@ class TorchSegmenter:
     """A registered torch model run through the shared :class:`~models.engine.BoxPromptEngine`."""
 
     def __init__(self, model_name: str, model: torch.nn.Module, config: PipelineConfig, weights: str):
+        info = getattr(model, "info", None)
+        if info is not None and info.input_size != config.input_size:
+            raise ValueError(f"{model_name} takes {info.input_size}px input but pipeline {config.name} "
+                             f"feeds {config.input_size}px")
         self.model_name = model_name
         self.model = model.eval()
         self.config = config

@@ -149,3 +149,27 @@ def test_trace_env_var_prints_hook_calls(tmp_path):
     listing = harness_cli(["plugins"], env=env, cwd=tmp_path)
     assert listing.returncode == 0
     assert "harness_segmenters" in listing.stderr and "boxfill" in listing.stdout
+
+
+def test_a_hook_that_raises_is_reported_and_the_others_still_load():
+    class Broken:
+        @hookimpl
+        def harness_segmenters(self):
+            raise RuntimeError("cannot list")
+
+    plugins = HarnessPlugins(load_entry_points=False)
+    plugins.register(_Plugin("alpha"), "good")
+    plugins.register(Broken(), "broken", "broken-dist", "0.1")
+    with pytest.warns(RuntimeWarning, match="broken-dist 0.1"):
+        assert list(plugins.segmenters()) == ["alpha"]
+    assert "RuntimeError: cannot list" in plugins.failed["broken"]
+
+
+def test_two_distributions_with_one_plugin_name_are_reported(tmp_path, third_party_env):
+    site = Path(third_party_env["PYTHONPATH"].split(os.pathsep)[0])
+    install_fake_plugin(site, "boxfill_clone", "from plugins.boxfill import harness_segmenters\n", "clone-dist",
+                        "9.9", "boxfill")
+    listing = harness_cli(["plugins"], third_party_env, tmp_path)
+    assert listing.returncode == 1
+    assert "two plugins are named 'boxfill'" in listing.stdout
+    assert "medsam-harness" in listing.stdout and "clone-dist" in listing.stdout

@@ -179,3 +179,110 @@ def test_cli_argument_errors(tmp_path):
     assert unknown.returncode == 2 and "unknown segmenter 'nosuchmodel'" in unknown.stderr
     nodata = harness_cli(["run", "--models", "boxfill", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)])
     assert nodata.returncode == 2 and "no such data folder" in nodata.stderr
+
+
+class _Flaky:
+    """Raises on 2D cases, returns a wrong shape on 3D cases; describe() returns numpy/Path values."""
+
+    def segment(self, case):
+        if case.dim == 2:
+            raise RuntimeError("model exploded")
+        return np.zeros((1, 1), np.uint16)
+
+    def describe(self):
+        return {"params": np.int64(7), "flops": np.float32(1.5), "weights": Path("/weights/x.pth")}
+
+
+def _plugins_with(*specs):
+    from harness import SegmenterSpec, hookimpl
+    from harness.pluginmanager import HarnessPlugins
+
+    class Plugin:
+        @hookimpl
+        def harness_segmenters(self):
+            return [SegmenterSpec(name=name, title=name, family="test", load=load) for name, load in specs]
+
+    plugins = HarnessPlugins(load_entry_points=False)
+    plugins.register(Plugin(), "test-plugin")
+    return plugins
+
+
+def test_model_errors_are_recorded_with_the_file_and_describe_values_are_json_safe(tmp_path):
+    out = tmp_path / "out"
+    plugins = _plugins_with(("flaky", lambda options: _Flaky()))
+    report = run(RunConfig(models=["flaky"], data_dir=DEMO, out_dir=out, progress=False), plugins=plugins)
+    assert report.errors == 6 and report.done == 0
+    for rec in lines(out):
+        assert rec["status"] == "error" and str(DEMO / "imgs" / rec["case"]) in rec["error"]
+        if rec["dim"] == "2D":
+            assert "while segmenting" in rec["error"] and "RuntimeError: model exploded" in rec["error"]
+        else:
+            assert "segs of shape (1, 1)" in rec["error"]
+    models = json.loads((out / "models.json").read_text())
+    assert models["flaky"]["params"] == 7 and models["flaky"]["weights"] == "/weights/x.pth"
+
+
+def test_retry_errors_reruns_only_the_failed_pairs(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(DEMO, data, ignore=shutil.ignore_patterns("*.md", "*.json"))
+    broken = data / "imgs" / "2DBox_US_hc18-158.npz"
+    good_bytes = broken.read_bytes()
+    broken.write_bytes(b"garbage")
+    out = tmp_path / "out"
+    config = RunConfig(models=["boxfill"], data_dir=data, out_dir=out, progress=False)
+    assert run(config).errors == 1
+    broken.write_bytes(good_bytes)
+    assert run(config).done == 0  # errors count as finished unless asked
+    config.retry_errors = True
+    report = run(config)
+    assert report.done == 1 and report.skipped == 5
+    with ResultsStore(out) as store:
+        latest = {r["case"]: r for r in store.records()}
+    assert latest[broken.name]["status"] == "ok" and len(latest) == 6
+
+
+def test_a_case_that_kills_the_process_twice_is_recorded_and_skipped(tmp_path):
+    out = tmp_path / "out"
+    cases = discover_cases(DEMO)
+    first, second = cases[0].name, cases[1].name
+    inflight = out / ".inflight" / "boxfill"
+    inflight.mkdir(parents=True)
+    (inflight / first).write_text("2")   # died twice in there: give up on it
+    (inflight / second).write_text("1")  # died once (or was killed): run it again
+    report = run(RunConfig(models=["boxfill"], data_dir=DEMO, out_dir=out, progress=False))
+    assert report.errors == 1 and report.done == 5
+    recs = {r["case"]: r for r in lines(out)}
+    assert "died while segmenting this case, 2 times" in recs[first]["error"]
+    assert recs[second]["status"] == "ok"
+    assert not any(inflight.iterdir())
+
+
+def test_leaderboard_command_rerenders_a_run(tmp_path):
+    out = tmp_path / "out"
+    run(RunConfig(models=["boxfill"], data_dir=DEMO, out_dir=out, limit=2, progress=False))
+    target = tmp_path / "board.md"
+    result = harness_cli(["leaderboard", str(out), "-o", str(target)])
+    assert result.returncode == 0, result.stderr
+    assert "| Box fill (baseline)" in target.read_text() and (out / "summary.json").is_file()
+    missing = harness_cli(["leaderboard", str(tmp_path / "nothing")])
+    assert missing.returncode != 0 and "results.jsonl not found" in missing.stderr
+
+
+def test_temp_files_of_a_killed_writer_are_swept(tmp_path):
+    stale = tmp_path / "segs" / "boxfill" / ".2DBox_US_1.npz.abc123.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a file")
+    with ResultsStore(tmp_path):
+        pass
+    assert not stale.exists()
+
+
+def test_peak_rss_sampler_fallback(monkeypatch):
+    import harness.profiling as profiling
+
+    monkeypatch.setattr(profiling, "_reset_hwm", lambda: False)
+    with profiling.PeakRSS() as peak:
+        block = np.ones(30_000_000)  # 240 MB, held for a few sampling intervals
+        time.sleep(0.05)
+        del block
+    assert peak.method == "sampler" and peak.mb > 200

@@ -24,15 +24,7 @@ def count_flops(model: nn.Module, input_size: int) -> int:
     prompt_size = model.prompt_encoder.input_image_size[0]
     box = torch.tensor([[0.25, 0.25, 0.75, 0.75]], device=device) * prompt_size
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        embedding = model.image_encoder(image)
-        sparse, dense = model.prompt_encoder(points=None, boxes=box, masks=None)
-        model.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        model.decode_boxes(model.image_encoder(image), box)
     return int(counter.get_total_flops())
 
 

@@ -1,12 +1,10 @@
 """One box-prompt inference engine (2D images and 3D slice propagation) for SAM-style models.
 
-The engine takes any module with the SAM sub-module interface::
+The engine takes any module with the interface of :class:`models.segmenter_module.PromptableSAM`::
 
     model.image_encoder(x)                      (B, 3, S, S) float32 -> (B, 256, 64, 64)
-    model.prompt_encoder(points=None, boxes=(B, 4), masks=None) -> (sparse, dense)
-    model.prompt_encoder.get_dense_pe()         (1, 256, 64, 64)
-    model.mask_decoder(image_embeddings=, image_pe=, sparse_prompt_embeddings=,
-                       dense_prompt_embeddings=, multimask_output=False) -> (low_res (B,1,256,256), iou)
+    model.decode_boxes(embedding, boxes)        (1, 256, 64, 64), (B, 4) in the prompt frame
+                                                -> (low_res (B, 1, 256, 256), iou (B, 1))
 
 and a :class:`PipelineConfig`.  Every difference between the upstream pipelines is a config
 field, and the named presets below pin the combination each upstream script uses.
@@ -196,8 +194,7 @@ class BoxPromptEngine:
         self._volume: Optional[np.ndarray] = None
         self._slice_cache: Dict[int, torch.Tensor] = {}
         self._new_size: Tuple[int, int] = (0, 0)
-        self._dense_pe: Optional[torch.Tensor] = None
-        self.encoder_calls = 0
+        self.encoder_calls = 0  # how often the image encoder ran (the slice cache's effect shows here)
 
     # ------------------------------------------------------------------ public API
     def segment(self, imgs: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -215,13 +212,9 @@ class BoxPromptEngine:
             boxes = boxes[None]
         is_3d = _looks_3d(imgs, boxes)
         with torch.inference_mode():
-            self._dense_pe = None
-            try:
-                if is_3d:
-                    return self.segment_3d(imgs, boxes)
-                return self.segment_2d(imgs, boxes)
-            finally:
-                self._dense_pe = None
+            if is_3d:
+                return self.segment_3d(imgs, boxes)
+            return self.segment_2d(imgs, boxes)
 
     def segment_2d(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         cfg = self.config
@@ -284,17 +277,7 @@ class BoxPromptEngine:
     def decode(self, embedding: torch.Tensor, prompt_boxes: np.ndarray) -> torch.Tensor:
         """Low-res logits (B, 1, 256, 256) for B boxes already in the prompt frame."""
         boxes = torch.as_tensor(np.asarray(prompt_boxes, dtype=np.float64).reshape(-1, 4), dtype=torch.float32)
-        boxes = boxes.to(self.device)
-        sparse, dense = self.model.prompt_encoder(points=None, boxes=boxes, masks=None)
-        if self._dense_pe is None:
-            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
-        low_res, _ = self.model.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=self._dense_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        low_res, _ = self.model.decode_boxes(embedding, boxes.to(self.device))
         return low_res
 
     def to_mask(self, low_res: torch.Tensor, new_size, original_size) -> np.ndarray:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from models.segmenter_module import ModelInfo, PromptableSAM
 from models import preprocess as pp
 from models.engine import (
     LITEMEDSAM_CVPR24,
@@ -248,12 +249,10 @@ class _StubDecoder(nn.Module):
         return logits, torch.zeros(logits.shape[0], 1)
 
 
-class _StubSAM(nn.Module):
-    def __init__(self, prompt_size=256):
-        super().__init__()
-        self.image_encoder = _StubEncoder()
-        self.prompt_encoder = _StubPrompt(prompt_size)
-        self.mask_decoder = _StubDecoder(prompt_size)
+def _StubSAM(prompt_size=256):
+    """The stub parts in the real container, so the engine drives them as it drives a model."""
+    return PromptableSAM(_StubEncoder(), _StubPrompt(prompt_size), _StubDecoder(prompt_size),
+                         info=ModelInfo(name="stub", input_size=prompt_size, prompt_size=prompt_size))
 
 
 def _volume(depth=6, size=256, blank=()):

@@ -38,15 +38,15 @@ def load_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     return frame, read_models(out_dir)
 
 
-def _fmt_count(n: float | None, unit: str) -> str:
+def _fmt_count(n: float | None) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "-"
     if n == 0:
         return "0"
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
+            return f"{n / scale:.2f}{suffix}"
+    return f"{n:.0f}"
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -132,8 +132,8 @@ def render_markdown(out_dir: str | Path) -> str:
         body.append([
             r["title"],
             _fmt(r["resolution"], ".0f") if r["resolution"] else "-",
-            _fmt_count(r["params"], ""),
-            _fmt_count(r["flops"], ""),
+            _fmt_count(r["params"]),
+            _fmt_count(r["flops"]),
             _fmt(r["dsc"] * 100, ".2f"),
             _fmt(r["nsd"] * 100, ".2f"),
             _fmt(r["runtime_2D"], ".2f", "s"),

@@ -17,8 +17,7 @@ from harness.cases import (
     modality_from_name,
     save_segs,
 )
-
-DEMO = Path(__file__).resolve().parents[1] / "harness" / "demo"
+from helpers import DEMO
 
 
 def write_npz(path: Path, **arrays) -> Path:

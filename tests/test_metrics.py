@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +17,8 @@ from harness.metrics import (
     surfel_area_table,
 )
 from harness.scoring import score_dirs
+from reference import REFERENCE_DIR
 
-REFERENCE_DIR = Path(
-    os.environ.get(
-        "HARNESS_REFERENCE_DIR",
-        Path(__file__).resolve().parents[1].parent / "shared" / "reference",
-    )
-)
 METRIC_CASES = REFERENCE_DIR / "metrics" / "challenge_metric_cases.json"
 METRIC_ARRAYS = REFERENCE_DIR / "metrics" / "challenge_metric_cases.npz"
 TOL = 1e-6

@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from harness.scoring import score_dirs
 
-    frame = score_dirs(Path(args.segs), Path(args.gts), workers=args.workers)
+    frame = score_dirs(Path(args.segs), Path(args.gts), workers=args.workers, imgs_dir=args.imgs)
     if args.output:
         frame.to_csv(args.output, index=False, float_format="%.17g")
         print(f"wrote {len(frame)} rows to {args.output}")
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "case, dsc, nsd at full precision, plus modality and error.")
     p.add_argument("--segs", required=True, help="folder of <case>.npz files with key 'segs'")
     p.add_argument("--gts", required=True, help="folder of <case>.npz files with key 'gts' (and 'spacing' for 3D)")
+    p.add_argument("--imgs", help="folder of the input cases, for the 3D spacing of gts files that lack it")
     p.add_argument("-o", "--output", help="CSV file to write (default: stdout)")
     p.add_argument("--workers", type=_positive_int, default=1, help="processes to score with")
     p.set_defaults(func=cmd_score)

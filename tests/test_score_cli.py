@@ -37,3 +37,22 @@ def test_score_cli_writes_full_precision_csv(tmp_path):
         else:
             assert row["modality"] == "US" and row["error"] and float(row["dsc"]) == 0.0
     assert "could not be scored" in result.stderr
+
+
+def test_score_takes_3d_spacing_from_imgs_when_gts_lacks_it(tmp_path):
+    name = "3DBox_CT_sts025.npz"
+    with np.load(DEMO / "gts" / name) as npz:
+        gts = npz["gts"]
+    (tmp_path / "gts").mkdir()
+    np.savez_compressed(tmp_path / "gts" / name, gts=gts)  # no spacing
+    save_segs(tmp_path / "segs" / name, gts)
+    base = ["score", "--segs", str(tmp_path / "segs"), "--gts", str(tmp_path / "gts")]
+    without = list(csv.DictReader(io.StringIO(harness_cli(base).stdout)))
+    assert "without 'spacing'" in without[0]["error"]
+    with_imgs = list(csv.DictReader(io.StringIO(harness_cli(base + ["--imgs", str(DEMO / "imgs")]).stdout)))
+    assert with_imgs[0]["error"] == "" and float(with_imgs[0]["dsc"]) == 1.0 and float(with_imgs[0]["nsd"]) == 1.0
+
+
+def test_score_refuses_a_missing_gts_folder(tmp_path):
+    result = harness_cli(["score", "--segs", str(tmp_path), "--gts", str(tmp_path / "nope")])
+    assert result.returncode == 2 and "no such ground-truth folder" in result.stderr

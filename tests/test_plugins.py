@@ -173,3 +173,24 @@ def test_two_distributions_with_one_plugin_name_are_reported(tmp_path, third_par
     assert listing.returncode == 1
     assert "two plugins are named 'boxfill'" in listing.stdout
     assert "medsam-harness" in listing.stdout and "clone-dist" in listing.stdout
+
+
+def test_litemedsam_weights_override(tmp_path):
+    """--weights litemedsam=PATH loads that file (here: the seed-0 reference weights) instead of the bundled one."""
+    import torch
+
+    from harness import LoadOptions
+    from harness.cases import load_case
+    from plugins.litemedsam import load
+    from reference import make_state_dict
+
+    path = tmp_path / "seed0.pth"
+    torch.save(make_state_dict("lite_medsam", 0), path)
+    segmenter = load(LoadOptions(weights=path, threads=2))
+    info = segmenter.describe()
+    assert info["weights"] == str(path) and info["params"] == 9_791_300 and info["pipeline"] == "litemedsam_cvpr24"
+    expected = make_state_dict("lite_medsam", 0)["mask_decoder.iou_prediction_head.layers.0.weight"]
+    assert torch.equal(segmenter.model.state_dict()["mask_decoder.iou_prediction_head.layers.0.weight"], expected)
+    case = load_case(DEMO / "imgs" / "2DBox_US_hc18-158.npz")
+    segs = segmenter.segment(case)
+    assert segs.shape == case.spatial_shape and segs.dtype.name == "uint16"

@@ -28,7 +28,6 @@ __all__ = [
     "ensure_rgb",
     "resize_area_u8",
     "resize_bilinear_u8",
-    "bilinear_u8_numpy_model",
     "minmax_scale_numpy",
     "minmax_scale_torch",
     "pad_bottom_right",
@@ -75,7 +74,7 @@ def resize_bilinear_u8(image: torch.Tensor, new_h: int, new_w: int) -> torch.Ten
 
     On CPU, torch computes uint8 bilinear with a separable fixed-point kernel: a horizontal
     pass and then a vertical pass, each with integer weights ``round(w * 2**p)`` and
-    round-half-up back to uint8 in between (see :func:`bilinear_u8_numpy_model`, which
+    round-half-up back to uint8 in between (a numpy model in tests/test_engine_e2e.py
     reproduces it bit for bit).  So this is neither floor nor round of the float result;
     about 20% of pixels differ by 1 from ``round(float bilinear)``.  We call the same torch
     op as upstream instead of re-deriving it.
@@ -85,43 +84,6 @@ def resize_bilinear_u8(image: torch.Tensor, new_h: int, new_w: int) -> torch.Ten
     if tuple(image.shape[-2:]) == (new_h, new_w):
         return image
     return F.interpolate(image, (new_h, new_w), mode="bilinear", align_corners=False)
-
-
-def _bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
-    scale = in_size / out_size
-    weights = np.zeros((out_size, in_size), dtype=np.float64)
-    for i in range(out_size):
-        src = max((i + 0.5) * scale - 0.5, 0.0)
-        lo = int(np.floor(src))
-        frac = src - lo
-        hi = min(lo + 1, in_size - 1)
-        weights[i, lo] += 1.0 - frac
-        weights[i, hi] += frac
-    return weights
-
-
-def _fixed_point_pass(x: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
-    precision = 22
-    while precision > 0 and weights.max() * (1 << precision) >= (1 << 15):
-        precision -= 1
-    wq = np.round(weights * (1 << precision))
-    y = np.moveaxis(np.tensordot(x, wq, axes=([axis], [1])), -1, axis)
-    y = np.floor((y + (1 << (precision - 1))) / (1 << precision))
-    return np.clip(y, 0, 255)
-
-
-def bilinear_u8_numpy_model(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
-    """Numpy model of torch's CPU uint8 bilinear resize (documentation and tests only).
-
-    (…, H, W) uint8 -> (…, new_h, new_w) uint8: horizontal pass, then vertical pass, each
-    in fixed point with round-half-up.  Slow; use :func:`resize_bilinear_u8` for real work.
-    """
-    x = image.astype(np.float64)
-    if x.shape[-1] != new_w:
-        x = _fixed_point_pass(x, _bilinear_weights(x.shape[-1], new_w), x.ndim - 1)
-    if x.shape[-2] != new_h:
-        x = _fixed_point_pass(x, _bilinear_weights(x.shape[-2], new_h), x.ndim - 2)
-    return x.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- intensity

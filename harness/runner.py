@@ -7,6 +7,7 @@ segmentation (see :mod:`harness.profiling`).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -153,7 +154,7 @@ def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig,
 
 
 def _model_info(spec: SegmenterSpec, described: dict, plugins: HarnessPlugins) -> dict:
-    reported = spec.reported.__dict__ if spec.reported is not None else None
+    reported = dataclasses.asdict(spec.reported) if spec.reported is not None else None
     owner = next((p for p in plugins.plugins() if spec.name in p.segmenters), None)
     return {
         "title": spec.title,
@@ -191,9 +192,7 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
                 segmenter = spec.load(options)
                 update_models(config.out_dir, spec.name, _model_info(spec, segmenter.describe(), plugins))
             except Exception as exc:  # noqa: BLE001 - a model that cannot load must not stop the others
-                message = _error_text(exc)
-                report.failed_models[spec.name] = message
-                log(f"{spec.name}: cannot load: {message}")
+                report.failed_models[spec.name] = _error_text(exc)
                 continue
             bar = tqdm(pending, desc=spec.name, unit="case", disable=not config.progress, file=sys.stderr)
             for case_path in bar:

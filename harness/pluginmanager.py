@@ -64,6 +64,7 @@ class HarnessPlugins:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self._info: dict[str, PluginInfo] = {}
+        self._segmenters: dict[str, SegmenterSpec] | None = None
         self.failed: dict[str, str] = {}
         if os.environ.get(ENV_TRACE):
             self.pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
@@ -100,11 +101,17 @@ class HarnessPlugins:
         if name in self._info:
             raise PluginError(f"two plugins are named '{name}': {self._info[name].source} and {distribution}")
         self.pm.register(plugin, name=name)
+        self._segmenters = None
         module = getattr(plugin, "__name__", type(plugin).__name__)
         self._info[name] = PluginInfo(name=name, module=module, distribution=distribution, version=version)
 
     def segmenters(self) -> dict[str, SegmenterSpec]:
         """All segmenters by name. Two segmenters with one name raise a PluginError naming both sources."""
+        if self._segmenters is None:
+            self._segmenters = self._collect_segmenters()
+        return dict(self._segmenters)
+
+    def _collect_segmenters(self) -> dict[str, SegmenterSpec]:
         found: dict[str, SegmenterSpec] = {}
         owner: dict[str, str] = {}
         per_plugin: dict[str, list[str]] = {}

@@ -20,7 +20,14 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from harness.results import RESULTS_FILE, latest_records, read_models, read_records
+from harness.results import (
+    RESULTS_FILE,
+    latest_records,
+    read_models,
+    read_records,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def load_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
@@ -107,7 +114,10 @@ def _has_gt(frame: pd.DataFrame) -> pd.Series:
 
 def render_markdown(out_dir: str | Path) -> str:
     """The leaderboard of a run folder as markdown."""
-    frame, models = load_results(out_dir)
+    return _markdown(*load_results(out_dir))
+
+
+def _markdown(frame: pd.DataFrame, models: dict[str, dict]) -> str:
     if frame.empty:
         return "# Leaderboard\n\nNo results yet.\n"
     summary = model_summary(frame, models)
@@ -207,7 +217,10 @@ def _published_table(summary: pd.DataFrame, models: dict[str, dict]) -> str:
 
 def summary_json(out_dir: str | Path) -> dict:
     """Machine-readable twin of the markdown: per model aggregates and per modality means."""
-    frame, models = load_results(out_dir)
+    return _summary(*load_results(out_dir))
+
+
+def _summary(frame: pd.DataFrame, models: dict[str, dict]) -> dict:
     if frame.empty:
         return {"models": []}
     summary = model_summary(frame, models)
@@ -227,11 +240,9 @@ def summary_json(out_dir: str | Path) -> dict:
 
 def write_leaderboard(out_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write ``leaderboard.md`` (and ``summary.json``) for a run folder; return the markdown path."""
-    from harness.results import write_json_atomic, write_text_atomic
-
     out_dir = Path(out_dir)
     target = Path(output) if output else out_dir / "leaderboard.md"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(target, render_markdown(out_dir))
-    write_json_atomic(out_dir / "summary.json", summary_json(out_dir))
+    frame, models = load_results(out_dir)
+    write_text_atomic(target, _markdown(frame, models))
+    write_json_atomic(out_dir / "summary.json", _summary(frame, models))
     return target

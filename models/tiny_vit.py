@@ -259,8 +259,23 @@ class TinyViTBlock(nn.Module):
         return x + self.mlp(x)
 
 
-class ConvStage(nn.Module):
-    """Stage 0: ``depth`` MBConv blocks on a (B, C, H, W) map, then an optional PatchMerging."""
+class _Stage(nn.Module):
+    """A stage: its ``blocks`` in order, then an optional ``downsample`` (PatchMerging)."""
+
+    blocks: nn.ModuleList
+    downsample: Optional[PatchMerging]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class ConvStage(_Stage):
+    """Stage 0: ``depth`` MBConv blocks on a (B, C, H, W) map, then an optional PatchMerging.
+
+    (B, dim, H, W) -> tokens (B, H'*W', out_dim), or the map if there is no downsample.
+    """
 
     def __init__(
         self, dim: int, depth: int, expand_ratio: float, downsample: Optional[PatchMerging]
@@ -269,15 +284,12 @@ class ConvStage(nn.Module):
         self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, dim, H, W) -> tokens (B, H'*W', out_dim), or the map if there is no downsample."""
-        for block in self.blocks:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
 
+class TransformerStage(_Stage):
+    """Stages 1-3: ``depth`` TinyViT blocks on tokens, then an optional PatchMerging.
 
-class TransformerStage(nn.Module):
-    """Stages 1-3: ``depth`` TinyViT blocks on tokens, then an optional PatchMerging."""
+    (B, H*W, dim) -> (B, H'*W', out_dim).
+    """
 
     def __init__(
         self,
@@ -296,12 +308,6 @@ class TransformerStage(nn.Module):
             for _ in range(depth)
         )
         self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H*W, dim) -> (B, H'*W', out_dim)."""
-        for block in self.blocks:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
 
 
 class TinyViT(nn.Module):

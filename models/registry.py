@@ -6,9 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from .sam.mask_decoder import MaskDecoder
-from .sam.prompt_encoder import PromptEncoder
-from .sam.transformer import TwoWayTransformer
+from .sam import build_prompt_parts
 from .segmenter_module import ModelInfo, PromptableSAM
 from .tiny_vit import TinyViT
 
@@ -71,25 +69,7 @@ def build_litemedsam() -> PromptableSAM:
         local_conv_size=3,
         out_chans=256,
     )
-    prompt_encoder = PromptEncoder(
-        embed_dim=256,
-        image_embedding_size=(64, 64),
-        input_image_size=(256, 256),
-        mask_in_chans=16,
-    )
-    mask_decoder = MaskDecoder(
-        transformer_dim=256,
-        transformer=TwoWayTransformer(
-            depth=2,
-            embedding_dim=256,
-            num_heads=8,
-            mlp_dim=2048,
-            layer_norm_eps=1e-5,
-        ),
-        num_multimask_outputs=3,
-        iou_head_depth=3,
-        iou_head_hidden_dim=256,
-    )
+    prompt_encoder, mask_decoder = build_prompt_parts(prompt_size=256, layer_norm_eps=1e-5)
     model = PromptableSAM(
         image_encoder,
         prompt_encoder,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -15,11 +15,18 @@ class Reported:
     """Figures published for a segmenter (for the leaderboard's "published" columns).
 
     Percentages for DSC/NSD, seconds per case, MB of peak memory; ``None`` where not published.
+    ``dsc_reproduced`` / ``nsd_reproduced`` are a third party's reproduction of the same model
+    (the "-R" columns of the seed tables); ``per_modality`` and ``per_modality_reproduced`` map a
+    modality name (as :func:`harness.cases.modality_from_name` spells it) to (DSC, NSD).
     """
 
     source: str
     dsc: float | None = None
     nsd: float | None = None
+    dsc_reproduced: float | None = None
+    nsd_reproduced: float | None = None
+    per_modality: Mapping[str, tuple[float, float]] | None = None
+    per_modality_reproduced: Mapping[str, tuple[float, float]] | None = None
     params_m: float | None = None
     gflops: float | None = None
     runtime_2d_s: float | None = None
@@ -33,13 +40,20 @@ class Reported:
 class LoadOptions:
     """What the runner hands a segmenter's loader.
 
-    ``weights`` is the user's ``--weights NAME=PATH`` (or None for the segmenter's default),
-    ``device`` a torch device string, ``threads`` the CPU thread count the run pins.
+    ``weights`` is the user's ``--weights NAME=PATH`` for this segmenter (None: the segmenter's
+    default, or a file found in ``weights_dir``); ``all_weights`` holds every ``--weights`` entry,
+    for segmenters built from parts of others (a distilled student completed with MedSAM's
+    decoder); ``weights_dir`` is ``--weights-dir``; ``allow_pickle`` is the user's explicit
+    ``--allow-pickle`` for whole-module pickles; ``device`` a torch device string; ``threads`` the
+    CPU thread count the run pins.
     """
 
     weights: Path | None = None
     device: str = "cpu"
     threads: int | None = None
+    weights_dir: Path | None = None
+    all_weights: Mapping[str, Path] = field(default_factory=dict)
+    allow_pickle: bool = False
 
 
 @runtime_checkable

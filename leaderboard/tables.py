@@ -5,6 +5,11 @@ Two tables, shaped like the seed tables of the MedficientSAM / reproduction READ
 1. per model: Method, Res, Params, FLOPs, DSC, NSD, 2D/3D runtime, 2D/3D memory, cases;
 2. per modality x model: DSC / NSD.
 
+Under each measured row, the figures a segmenter's plugin declares as published
+(:class:`harness.specs.Reported`) appear as separate rows marked *(published)* and
+*(published, reproduced)*, and as extra columns of the per-modality table; they are never
+averaged with or substituted for measurements. ``reported=False`` leaves them out.
+
 Aggregation follows the published tables: DSC and NSD (in %) are the **unweighted mean of the
 per-modality means**, so a modality with many cases counts as much as one with few. A case whose
 DSC is undefined (NaN: a label absent from both ground truth and prediction, stored as null) is
@@ -112,12 +117,16 @@ def _has_gt(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(False, index=frame.index)
 
 
-def render_markdown(out_dir: str | Path) -> str:
-    """The leaderboard of a run folder as markdown."""
-    return _markdown(*load_results(out_dir))
+def render_markdown(out_dir: str | Path, reported: bool = True) -> str:
+    """The leaderboard of a run folder as markdown; ``reported`` adds the published reference rows."""
+    return _markdown(*load_results(out_dir), reported=reported)
 
 
-def _markdown(frame: pd.DataFrame, models: dict[str, dict]) -> str:
+REPORTED_TAG = "*(published)*"
+REPRODUCED_TAG = "*(published, reproduced)*"
+
+
+def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = True) -> str:
     if frame.empty:
         return "# Leaderboard\n\nNo results yet.\n"
     summary = model_summary(frame, models)
@@ -127,8 +136,16 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict]) -> str:
     lines.append(
         f"Runner / timing mode: {', '.join(modes)}; CPU threads: {', '.join(map(str, threads)) or '-'}. "
         "DSC and NSD in %, the unweighted mean of the per-modality means; runtime is the mean seconds per case, "
-        "memory the largest per-case peak RSS."
+        "memory the largest per-case peak RSS. FLOPs count multiply-accumulates for one image and one box at the "
+        "model's resolution (the published tables' unit)."
     )
+    if reported and any(_reported_of(models, m) for m in summary["model"]):
+        lines.append("")
+        lines.append(
+            f"Rows marked {REPORTED_TAG} are figures copied from the cited publications (other data subsets and "
+            f"hardware), and {REPRODUCED_TAG} a third party's reproduction of them; they are references, not "
+            "measurements of this run."
+        )
     lines.append("")
     headers = ["Method", "Res", "Params", "FLOPs", "DSC", "NSD", "2D runtime", "3D runtime", "2D memory",
                "3D memory", "Cases"]
@@ -152,26 +169,64 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict]) -> str:
             _fmt(r["memory_3D"], ".0f", "MB"),
             cases,
         ])
+        rep = _reported_of(models, r["model"]) if reported else None
+        if rep:
+            body.extend(_reported_rows(r, rep))
     lines.append(tabulate(body, headers=headers, tablefmt="github", disable_numparse=True))
     lines += ["", "## Per modality (DSC / NSD, %)", ""]
-    lines.append(_modality_table(frame, summary))
-    published = _published_table(summary, models)
-    if published:
-        lines += ["", "## Published figures (for comparison; other data and hardware)", "", published]
+    lines.append(_modality_table(frame, summary, models if reported else {}))
+    sources = _sources(summary, models) if reported else ""
+    if sources:
+        lines += ["", "## Sources of the published rows", "", sources]
     lines.append("")
     return "\n".join(lines)
 
 
-def _modality_table(frame: pd.DataFrame, summary: pd.DataFrame) -> str:
+def _reported_of(models: dict[str, dict], model: str) -> dict | None:
+    rep = (models.get(model) or {}).get("reported")
+    return rep or None
+
+
+def _reported_rows(r: pd.Series, rep: dict) -> list[list[str]]:
+    """The published row (and the reproduced one, where there is one) under a measured row."""
+    params = rep.get("params_m")
+    rows = [[
+        f"{r['title']} {REPORTED_TAG}",
+        _fmt(r["resolution"], ".0f") if r["resolution"] else "-",
+        _fmt(params, ".2f", "M"),
+        _fmt(rep.get("gflops"), ".2f", "G"),
+        _fmt(rep.get("dsc"), ".2f"),
+        _fmt(rep.get("nsd"), ".2f"),
+        _fmt(rep.get("runtime_2d_s"), ".1f", "s"),
+        _fmt(rep.get("runtime_3d_s"), ".1f", "s"),
+        _fmt(rep.get("memory_2d_mb"), ".0f", "MB"),
+        _fmt(rep.get("memory_3d_mb"), ".0f", "MB"),
+        "published",
+    ]]
+    if rep.get("dsc_reproduced") is not None or rep.get("nsd_reproduced") is not None:
+        rows.append([f"{r['title']} {REPRODUCED_TAG}", "", "", "", _fmt(rep.get("dsc_reproduced"), ".2f"),
+                     _fmt(rep.get("nsd_reproduced"), ".2f"), "", "", "", "", "published"])
+    return rows
+
+
+def _modality_table(frame: pd.DataFrame, summary: pd.DataFrame, models: dict[str, dict] | None = None) -> str:
     per_modality = modality_means(frame)
     titles = dict(zip(summary["model"], summary["title"]))
-    models = list(summary["model"])
+    measured = list(summary["model"])
     modalities = sorted(per_modality["modality"].dropna().unique())
+    # published per-modality columns, for the modalities this run measured
+    published: list[tuple[str, dict]] = []
+    for model in measured:
+        rep = _reported_of(models or {}, model) or {}
+        for key, tag in (("per_modality", REPORTED_TAG), ("per_modality_reproduced", REPRODUCED_TAG)):
+            table = rep.get(key) or {}
+            if any(m in table for m in modalities):
+                published.append((f"{titles[model]} {tag}", table))
     body = []
     for modality in modalities:
         row = [modality]
         counts = set()
-        for model in models:
+        for model in measured:
             cell = per_modality[(per_modality["model"] == model) & (per_modality["modality"] == modality)]
             if cell.empty:
                 row.append("-")
@@ -179,40 +234,29 @@ def _modality_table(frame: pd.DataFrame, summary: pd.DataFrame) -> str:
                 c = cell.iloc[0]
                 counts.add(int(c["cases"]))
                 row.append(f"{c['dsc'] * 100:.2f} / {c['nsd'] * 100:.2f}")
+        for _, table in published:
+            pair = table.get(modality)
+            row.append(f"{pair[0]:.2f} / {pair[1]:.2f}" if pair else "-")
         row.insert(1, "/".join(str(c) for c in sorted(counts)) or "-")
         body.append(row)
     average = ["Average", ""]
     for _, r in summary.iterrows():
         average.append(f"{_fmt(r['dsc'] * 100, '.2f')} / {_fmt(r['nsd'] * 100, '.2f')}")
+    average += ["-"] * len(published)  # published averages cover other modalities: see the main table
     body.append(average)
-    headers = ["Modality", "Cases"] + [titles[m] for m in models]
+    headers = ["Modality", "Cases"] + [titles[m] for m in measured] + [title for title, _ in published]
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def _published_table(summary: pd.DataFrame, models: dict[str, dict]) -> str:
-    body = []
-    for model in summary["model"]:
-        rep = (models.get(model) or {}).get("reported")
+def _sources(summary: pd.DataFrame, models: dict[str, dict]) -> str:
+    lines = []
+    for model, title in zip(summary["model"], summary["title"]):
+        rep = _reported_of(models, model)
         if not rep:
             continue
-        body.append([
-            models[model].get("title", model),
-            _fmt(rep.get("dsc"), ".2f"),
-            _fmt(rep.get("nsd"), ".2f"),
-            _fmt(rep.get("params_m"), ".2f", "M"),
-            _fmt(rep.get("gflops"), ".2f", "G"),
-            _fmt(rep.get("runtime_2d_s"), ".1f", "s"),
-            _fmt(rep.get("runtime_3d_s"), ".1f", "s"),
-            _fmt(rep.get("memory_2d_mb"), ".0f", "MB"),
-            _fmt(rep.get("memory_3d_mb"), ".0f", "MB"),
-            rep.get("hardware") or "-",
-            rep.get("source") or "-",
-        ])
-    if not body:
-        return ""
-    headers = ["Method", "DSC", "NSD", "Params", "FLOPs", "2D runtime", "3D runtime", "2D memory", "3D memory",
-               "Hardware", "Source"]
-    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
+        hardware = f"; timings on {rep['hardware']}" if rep.get("hardware") else ""
+        lines.append(f"- {title}: {rep.get('source') or 'unknown source'}{hardware}.")
+    return "\n".join(lines)
 
 
 def summary_json(out_dir: str | Path) -> dict:
@@ -238,11 +282,14 @@ def _summary(frame: pd.DataFrame, models: dict[str, dict]) -> dict:
     return {"models": out}
 
 
-def write_leaderboard(out_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Write ``leaderboard.md`` (and ``summary.json``) for a run folder; return the markdown path."""
+def write_leaderboard(out_dir: str | Path, output: str | Path | None = None, reported: bool = True) -> Path:
+    """Write ``leaderboard.md`` (and ``summary.json``) for a run folder; return the markdown path.
+
+    ``reported=False`` leaves out the published reference rows and columns.
+    """
     out_dir = Path(out_dir)
     target = Path(output) if output else out_dir / "leaderboard.md"
     frame, models = load_results(out_dir)
-    write_text_atomic(target, _markdown(frame, models))
+    write_text_atomic(target, _markdown(frame, models, reported=reported))
     write_json_atomic(out_dir / "summary.json", _summary(frame, models))
     return target

@@ -29,7 +29,9 @@ def make_run(tmp_path):
         # a retried pair: the last record wins
         store.append(rec("b", "2DBox_US_1", "US", "2D", 0.7, 0.8, 0.5, 300))
     update_models(tmp_path, "a", {"title": "Model A", "resolution": 512, "params": 34_792_784, "flops": 36_800_000_000,
-                                  "reported": {"dsc": 85.85, "nsd": 87.05, "source": "paper", "hardware": "i9"}})
+                                  "reported": {"dsc": 85.85, "nsd": 87.05, "dsc_reproduced": 84.93,
+                                               "nsd_reproduced": 86.76, "source": "paper", "hardware": "i9",
+                                               "per_modality": {"CT": [92.15, 94.80]}}})
     update_models(tmp_path, "b", {"title": "Model B", "resolution": 256, "params": 9_791_300, "flops": None})
 
 
@@ -62,7 +64,21 @@ def test_markdown_tables(tmp_path):
     assert "50.00 / 60.00" in ct and "80.00 / 90.00" in ct
     average = next(line for line in text.splitlines() if line.startswith("| Average"))
     assert "70.00 / 77.50" in average
-    assert "## Published figures" in text and "85.85" in text
+    # published figures: their own marked rows under the measured one, never mixed into it
+    lines = text.splitlines()
+    i = lines.index(row_a)
+    published = [c.strip() for c in lines[i + 1].strip("|").split("|")]
+    assert published[0] == "Model A *(published)*" and published[4:6] == ["85.85", "87.05"]
+    assert published[-1] == "published"
+    reproduced = [c.strip() for c in lines[i + 2].strip("|").split("|")]
+    assert reproduced[0] == "Model A *(published, reproduced)*" and reproduced[4:6] == ["84.93", "86.76"]
+    assert not any("Model B *(published" in line for line in lines)
+    header = next(line for line in lines if line.startswith("| Modality"))
+    assert "Model A *(published)*" in header
+    assert "92.15 / 94.80" in ct  # published CT column; the US row has none for this model
+    assert "## Sources of the published rows" in text and "paper; timings on i9" in text
+    plain = render_markdown(tmp_path, reported=False)
+    assert "(published" not in plain and "85.85" not in plain and "92.15" not in plain
 
 
 def test_write_leaderboard_and_summary_json(tmp_path):

@@ -3,7 +3,7 @@
 from .checkpoints import CheckpointError, default_litemedsam_checkpoint, load_weights
 from .registry import build_model, list_models, register_model
 from .segmenter_module import ModelInfo, PromptableSAM
-from . import medficientsam  # noqa: E402,F401  (registers "l0", "l1", "l2")
+from . import medficientsam, medsam  # noqa: E402,F401  (registers "medsam", "l0", "l1", "l2")
 
 __all__ = [
     "CheckpointError",

@@ -37,24 +37,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not models:
         raise SystemExit("harness run: --models needs at least one name")
     weights = _weights_arg(args.weights)
-    unknown_weights = set(weights) - set(models)
-    if unknown_weights:
-        raise SystemExit(f"harness run: --weights given for {', '.join(sorted(unknown_weights))}, not in --models")
     for name, path in weights.items():
         if not path.is_file():
             raise SystemExit(f"harness run: --weights {name}={path}: no such file")
+    weights_dir = Path(args.weights_dir).expanduser() if args.weights_dir else None
+    if weights_dir is not None and not weights_dir.is_dir():
+        raise SystemExit(f"harness run: --weights-dir {weights_dir}: no such folder")
     config = RunConfig(
         models=models,
         data_dir=Path(args.data),
         out_dir=Path(args.out),
         limit=args.limit,
         weights=weights,
+        weights_dir=weights_dir,
+        allow_pickle=args.allow_pickle,
         threads=args.threads,
         retry_errors=args.retry_errors,
         progress=not args.no_progress,
     )
     report = run(config)
-    board = write_leaderboard(config.out_dir)
+    board = write_leaderboard(config.out_dir, reported=not args.no_published)
     print(board.read_text())
     print(
         f"{report.done} cases done, {report.errors} errors, {report.skipped} already finished; "
@@ -86,7 +88,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     if not (out / "results.jsonl").is_file():
         raise SystemExit(f"harness leaderboard: {out}/results.jsonl not found")
-    target = write_leaderboard(out, args.output)
+    target = write_leaderboard(out, args.output, reported=not args.no_published)
     print(target.read_text())
     return 0
 
@@ -125,11 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="output folder (default: ./results)")
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="at most N cases, taken round-robin over modalities (for quick checks)")
-    p.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
-                   help="weights file for a model (repeatable); default: the model's bundled weights")
+    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH",
+                   help="weights file per model, e.g. --weights medsam=medsam_vit_b.pth l0=best.ckpt "
+                        "(state_dict, medficientsam Lightning .ckpt or medsam-harness weights); a name "
+                        "not in --models supplies a part (medsam=PATH completes a distilled student); "
+                        "default: the model's bundled weights or --weights-dir")
+    p.add_argument("--weights-dir", default=None, metavar="DIR",
+                   help="folder to look up weights in: NAME.pt|.pth|.ckpt, NAME/model.pt or the upstream "
+                        "file names (medsam_vit_b.pth, finetuned-l0-augmented/best.ckpt, ...); "
+                        "default: $HARNESS_WEIGHTS_DIR")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load whole-module pickles (medficientsam's model.pth); this runs code "
+                        "from the file: only for files you trust")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
     p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-published", action="store_true",
+                   help="leave the published reference rows out of the leaderboard")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("score", help="challenge DSC/NSD of a segs folder against a gts folder",
@@ -145,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaderboard", help="render the markdown leaderboard of a run folder")
     p.add_argument("out_dir", help="a `harness run` output folder")
     p.add_argument("-o", "--output", help="markdown file to write (default: OUT_DIR/leaderboard.md)")
+    p.add_argument("--no-published", action="store_true",
+                   help="leave the published reference rows (marked '(published)') out")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("plugins", help="list the loaded plugins, their versions and segmenters")

@@ -49,6 +49,8 @@ class RunConfig:
     out_dir: Path
     limit: int | None = None
     weights: dict[str, Path] = field(default_factory=dict)
+    weights_dir: Path | None = None
+    allow_pickle: bool = False
     threads: int | None = None
     device: str = "cpu"
     retry_errors: bool = False
@@ -172,6 +174,8 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
     """Run every requested model over every case of ``config.data_dir``; resumable."""
     plugins = plugins or HarnessPlugins()
     specs = [plugins.get(name) for name in config.models]  # unknown names fail before any work
+    for name in config.weights:  # weights for a model not run are components (a teacher's decoder)
+        plugins.get(name)
     cases = discover_cases(config.data_dir, config.limit)
     if not cases:
         raise FileNotFoundError(f"{config.data_dir}: no .npz cases found (expected imgs/*.npz)")
@@ -187,7 +191,14 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
             if not pending:
                 log(f"{spec.name}: all {len(cases)} cases already in {store.path}")
                 continue
-            options = LoadOptions(weights=config.weights.get(spec.name), device=config.device, threads=threads)
+            options = LoadOptions(
+                weights=config.weights.get(spec.name),
+                device=config.device,
+                threads=threads,
+                weights_dir=config.weights_dir,
+                all_weights=dict(config.weights),
+                allow_pickle=config.allow_pickle,
+            )
             try:
                 segmenter = spec.load(options)
                 update_models(config.out_dir, spec.name, _model_info(spec, segmenter.describe(), plugins))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from models.checkpoints import load_weights
-from models.complexity import count_macs, count_parameters
+from models.complexity import count_parameters, measure_compute
 from models.engine import BoxPromptEngine, PipelineConfig
 from models.registry import build_model
 
@@ -26,6 +26,7 @@ class TorchSegmenter:
         self.model = model.eval()
         self.config = config
         self.weights = weights
+        self.extra: dict[str, Any] = {}  # loader facts for describe(): checkpoint format, completed_with, ...
         self.engine = BoxPromptEngine(self.model, config)
 
     @classmethod
@@ -34,7 +35,7 @@ class TorchSegmenter:
         if options is not None and options.threads:
             torch.set_num_threads(options.threads)
         model = build_model(model_name)
-        load_weights(model, path)
+        load_weights(model, path, allow_pickle=bool(getattr(options, "allow_pickle", False)))
         device = options.device if options is not None else "cpu"
         return cls(model_name, model.to(device), config, weights=str(path))
 
@@ -42,12 +43,15 @@ class TorchSegmenter:
         return self.engine.segment(case.imgs, case.boxes)
 
     def describe(self) -> dict[str, Any]:
+        compute = measure_compute(self.model, self.config.input_size)
         return {
             "params": count_parameters(self.model),
-            "flops": count_macs(self.model, self.config.input_size),
+            "flops": compute.macs,
+            "flops_fvcore_style": compute.fvcore_style_macs,
             "weights": self.weights,
             "weights_sha256": _sha256(self.weights),
             "pipeline": self.config.name,
+            **self.extra,
         }
 
 

@@ -84,3 +84,26 @@ def load_npz(*relative: str) -> dict[str, np.ndarray]:
     """Load a reference npz file fully into memory."""
     with np.load(require_reference(*relative)) as data:
         return {key: data[key] for key in data.files}
+
+
+def assert_segs_match(segs: np.ndarray, ref: np.ndarray) -> None:
+    """The reference README's end-to-end bars: 2D per-label Dice >= 0.999 and at most 1e-4 of the
+    pixels mismatched; 3D the same label set on every slice and per-label Dice >= 0.99."""
+    assert segs.shape == ref.shape
+    assert segs.dtype == np.uint16
+    ref = ref.astype(np.int64)
+    got = segs.astype(np.int64)
+    labels = sorted((set(np.unique(ref).tolist()) | set(np.unique(got).tolist())) - {0})
+    assert labels, "reference has no labels"
+    dice = {}
+    for label in labels:
+        a, b = got == label, ref == label
+        dice[label] = 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+    if ref.ndim == 2:
+        mismatched = int((got != ref).sum())
+        assert mismatched <= 1e-4 * ref.size, f"{mismatched} mismatched pixels; dice {dice}"
+        assert min(dice.values()) >= 0.999, dice
+    else:
+        for z in range(ref.shape[0]):
+            assert set(np.unique(got[z]).tolist()) == set(np.unique(ref[z]).tolist()), f"slice {z}"
+        assert min(dice.values()) >= 0.99, dice

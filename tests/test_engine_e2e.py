@@ -32,7 +32,7 @@ from models.engine import (
     PipelineConfig,
     z_plan,
 )
-from reference import load_npz, make_state_dict, require_reference
+from reference import assert_segs_match, load_npz, make_state_dict, require_reference
 
 CASES = ("2DBox_Mammography_demo", "3DBox_Synthetic_demo")
 
@@ -394,27 +394,6 @@ def test_3d_slice_cache_same_result_fewer_encodes():
 
 
 # ============================================================================ end-to-end parity
-def _compare(segs: np.ndarray, ref: np.ndarray) -> None:
-    assert segs.shape == ref.shape
-    assert segs.dtype == np.uint16
-    ref = ref.astype(np.int64)
-    got = segs.astype(np.int64)
-    labels = sorted((set(np.unique(ref).tolist()) | set(np.unique(got).tolist())) - {0})
-    assert labels, "reference has no labels"
-    dice = {}
-    for label in labels:
-        a, b = got == label, ref == label
-        dice[label] = 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
-    if ref.ndim == 2:
-        mismatched = int((got != ref).sum())
-        assert mismatched <= 1e-4 * ref.size, f"{mismatched} mismatched pixels; dice {dice}"
-        assert min(dice.values()) >= 0.999, dice
-    else:
-        for z in range(ref.shape[0]):
-            assert set(np.unique(got[z]).tolist()) == set(np.unique(ref[z]).tolist()), f"slice {z}"
-        assert min(dice.values()) >= 0.99, dice
-
-
 def _lite_model(weights: str) -> nn.Module:
     from models import build_model, default_litemedsam_checkpoint, load_weights
 
@@ -465,4 +444,4 @@ def test_litemedsam_e2e_matches_upstream(lite_models, case, config, weights, suf
     if case.startswith("3D"):
         config = config.with_options(cache_slice_embeddings=True)
     segs = BoxPromptEngine(lite_models(weights), config).segment(data["imgs"], data["boxes"])
-    _compare(segs, ref)
+    assert_segs_match(segs, ref)

@@ -1,4 +1,4 @@
-"""Command line: ``harness run | score | leaderboard | plugins``."""
+"""Command line: ``harness run | score | leaderboard | plugins | train``."""
 from __future__ import annotations
 
 import argparse
@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list the loaded plugins, their versions and segmenters")
     p.set_defaults(func=cmd_plugins)
+
+    from training.cli import add_parsers as add_train_parsers  # argparse only: torch loads when training starts
+
+    add_train_parsers(sub)
     return parser
 
 
@@ -174,10 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("interrupted; finished cases are kept, run the same command again to resume", file=sys.stderr)
+        hint = ("checkpoints are kept; add --resume to continue" if args.command == "train"
+                else "finished cases are kept, run the same command again to resume")
+        print(f"interrupted; {hint}", file=sys.stderr)
         return 130
     except (UnknownSegmenterError, PluginError, StoreLockedError, FileNotFoundError) as exc:
         print(f"harness {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        if args.command != "train":  # bad settings; elsewhere a ValueError is a bug worth its traceback
+            raise
+        print(f"harness train: {exc}", file=sys.stderr)
         return 2
 
 

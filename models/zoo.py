@@ -185,13 +185,20 @@ def load_distilled(variant: str, student: Checkpoint, options, name: Optional[st
     """Complete an encoder-only ``student`` checkpoint with its teacher's prompt encoder and decoder.
 
     The teacher is ``student.meta["decoder_from"]`` for harness checkpoints, else MedSAM (what the
-    medficientsam Lightning distillation used). Its weights come from :func:`component_weights`.
+    medficientsam Lightning distillation used). Its weights: ``--weights <teacher>=PATH`` if given,
+    else the file the training run recorded (``decoder_weights``) if it still exists, else
+    :func:`component_weights`.
     """
     name = name or f"{variant}-distilled"
     donor = str(student.meta.get("decoder_from") or "medsam")
     if donor not in DONORS:
         raise CheckpointError(f"{student.path}: decoder_from={donor!r} is not one of {sorted(DONORS)}")
-    donor_path = component_weights(donor, options)
+    recorded = student.meta.get("decoder_weights")  # the teacher file a harness training run used
+    given = (getattr(options, "all_weights", None) or {}).get(donor)
+    if not given and recorded and Path(str(recorded)).is_file():
+        donor_path: Optional[Path] = Path(str(recorded))
+    else:
+        donor_path = component_weights(donor, options)
     if donor_path is None:
         raise MissingWeightsError(
             f"{student.path} is a distilled {variant} image encoder ({student.describe()}); it is completed "

@@ -66,6 +66,7 @@ class TrainConfig:
     focal_weight: float = 20.0
     iou_weight: float = 1.0
     # --- bookkeeping
+    max_minutes: Optional[float] = None  # stop (checkpoint + model.pt) after this much training time
     log_every: int = 10
     ckpt_every: int = 10_000
     keep_checkpoints: int = 3

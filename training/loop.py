@@ -218,6 +218,15 @@ class Trainer:
                 writer.writerows(kept)
 
     # ---------------------------------------------------------------- the loop
+    def _out_of_time(self, deadline: float) -> bool:
+        """Rank 0's clock decides for every rank, so all ranks stop after the same step."""
+        stop = time.monotonic() >= deadline
+        if self.dist.world_size > 1 and math.isfinite(deadline):
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        return stop
+
     def check_ranks_agree(self) -> None:
         """All ranks must hold identical weights after DDP steps; raise if they do not."""
         local = parameter_checksum(self.task.module).to(self.device)
@@ -263,8 +272,13 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.task} {cfg.model}", unit="step",
                        file=sys.stderr, dynamic_ncols=True)
         window_items, window_start = 0, time.perf_counter()
+        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
         sums: dict[str, float] = {}
         while self.step < cfg.steps:
+            if self._out_of_time(deadline):
+                self.log(f"time budget of {cfg.max_minutes} min reached at step {self.step}; "
+                         "--resume continues from here")
+                break
             self.optimizer.zero_grad(set_to_none=True)
             for micro in range(cfg.grad_accum):
                 batch = _to_device(next(batches), self.device)

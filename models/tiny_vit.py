@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sam.common import LayerNorm2d
+from .sam.common import conv_neck
 
 # Upstream rule: a patch merging that outputs one of these widths keeps the resolution.
 _STRIDE_ONE_WIDTHS = (320, 448, 576)
@@ -372,12 +372,7 @@ class TinyViT(nn.Module):
             self.layers.append(stage)
             resolution = next_resolution
         self.embedding_size = resolution
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans, eps=1e-6),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans, eps=1e-6),
-        )
+        self.neck = conv_neck(embed_dims[-1], out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, img_size, img_size) in [0, 1] -> (B, out_chans, g, g) embedding."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sam.common import LayerNorm2d, MLPBlock
+from .sam.common import MLPBlock, conv_neck
 
 # Upper bound on the elements of one block of attention scores. Global attention over a 64 x 64
 # grid has 4096 x 4096 scores per head; computing a few heads at a time keeps the peak memory of
@@ -266,12 +266,7 @@ class ViTImageEncoder(nn.Module):
             )
             for index in range(depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans, eps=1e-6),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans, eps=1e-6),
-        )
+        self.neck = conv_neck(embed_dim, out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, img_size, img_size) -> (B, out_chans, grid, grid)."""

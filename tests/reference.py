@@ -107,3 +107,43 @@ def assert_segs_match(segs: np.ndarray, ref: np.ndarray) -> None:
         for z in range(ref.shape[0]):
             assert set(np.unique(got[z]).tolist()) == set(np.unique(ref[z]).tolist()), f"slice {z}"
         assert min(dice.values()) >= 0.99, dice
+
+
+# The reference README's suggested tolerances for a float32 re-implementation: max|d| / std(ref) for
+# embeddings, encoder stages and low-res logits; absolute for IoU and sparse prompt embeddings.
+REL_TOL = 3e-5
+IOU_TOL = 5e-6
+SPARSE_TOL = 1e-5
+
+
+def rel_dev(actual: torch.Tensor, expected: np.ndarray) -> float:
+    """max|actual - expected| / std(expected)."""
+    diff = np.abs(actual.detach().numpy().astype(np.float64) - expected)
+    return float(diff.max() / expected.astype(np.float64).std())
+
+
+def abs_dev(actual: torch.Tensor, expected: np.ndarray) -> float:
+    """max|actual - expected|."""
+    return float(np.abs(actual.detach().numpy().astype(np.float64) - expected).max())
+
+
+def assert_outputs_match(outputs: dict, ref: dict) -> None:
+    """Embedding, low-res logits, IoU and sparse embeddings against a ``case_seed*.npz``."""
+    for key in ("image_embedding", "low_res_masks", "iou_predictions", "sparse_embeddings"):
+        assert tuple(outputs[key].shape) == ref[key].shape, key
+    assert rel_dev(outputs["image_embedding"], ref["image_embedding"]) <= REL_TOL
+    assert rel_dev(outputs["low_res_masks"], ref["low_res_masks"]) <= REL_TOL
+    assert abs_dev(outputs["iou_predictions"], ref["iou_predictions"]) <= IOU_TOL
+    assert abs_dev(outputs["sparse_embeddings"], ref["sparse_embeddings"]) <= SPARSE_TOL
+
+
+def assert_stage_matches(output: torch.Tensor, ref: dict, name: str) -> None:
+    """One encoder stage against its ``dbg__image_encoder.<name>__*`` record: shape, the first 32
+    values and mean/std/min/max, each within REL_TOL x the stage's std."""
+    prefix = f"dbg__image_encoder.{name}__"
+    out = output.detach().double()
+    assert list(out.shape) == ref[prefix + "shape"].tolist(), name
+    mean, std, low, high = ref[prefix + "stats_mean_std_min_max"]
+    assert np.abs(out.flatten()[:32].numpy() - ref[prefix + "head32"]).max() <= REL_TOL * std, name
+    for value, expected in zip((out.mean(), out.std(), out.min(), out.max()), (mean, std, low, high)):
+        assert abs(value.item() - expected) <= REL_TOL * std, name

@@ -19,37 +19,28 @@ import torch
 from models import CheckpointError, build_model, list_models, load_weights
 from models.checkpoints import default_litemedsam_checkpoint
 from reference import (
+    assert_outputs_match,
+    IOU_TOL,
     REFERENCE_DIR,
+    REL_TOL,
+    abs_dev,
+    assert_stage_matches,
     load_npz,
     make_case_inputs,
     make_state_dict,
+    rel_dev,
     require_reference,
 )
 
+pytestmark = pytest.mark.usefixtures("two_threads")
+
 MODEL_KEY = "lite_medsam"
-REL_TOL = 3e-5
-IOU_TOL = 5e-6
-SPARSE_TOL = 1e-5
 ENCODER_STAGES = ("patch_embed", "layers.0", "layers.1", "layers.2", "layers.3", "neck")
 SEED_CASES = sorted(p.name for p in (REFERENCE_DIR / MODEL_KEY).glob("case_seed*.npz"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
-def _rel_dev(actual: torch.Tensor, expected: np.ndarray) -> float:
-    """max|actual - expected| / std(expected)."""
-    diff = np.abs(actual.detach().numpy().astype(np.float64) - expected)
-    return float(diff.max() / expected.astype(np.float64).std())
-
-
-def _abs_dev(actual: torch.Tensor, expected: np.ndarray) -> float:
-    return float(np.abs(actual.detach().numpy().astype(np.float64) - expected).max())
 
 
 def _recorder(store: dict, name: str):
@@ -95,16 +86,6 @@ def _run_reference_protocol(model, image_u8: np.ndarray, boxes: np.ndarray, stag
         "low_res_masks": torch.cat(masks),
         "iou_predictions": torch.cat(ious),
     }
-
-
-def _assert_parity(outputs: dict, ref: dict) -> None:
-    assert outputs["image_embedding"].shape == ref["image_embedding"].shape
-    assert outputs["low_res_masks"].shape == ref["low_res_masks"].shape
-    assert outputs["iou_predictions"].shape == ref["iou_predictions"].shape
-    assert _rel_dev(outputs["image_embedding"], ref["image_embedding"]) <= REL_TOL
-    assert _rel_dev(outputs["low_res_masks"], ref["low_res_masks"]) <= REL_TOL
-    assert _abs_dev(outputs["iou_predictions"], ref["iou_predictions"]) <= IOU_TOL
-    assert _abs_dev(outputs["sparse_embeddings"], ref["sparse_embeddings"]) <= SPARSE_TOL
 
 
 @pytest.fixture(scope="module")
@@ -243,25 +224,16 @@ def test_parity_with_upstream_synthetic_weights(case_name):
     model.eval()  # load, then eval: the upstream order
     stages: dict[str, torch.Tensor] = {}
     outputs = _run_reference_protocol(model, image_u8, boxes, stages)
-    _assert_parity(outputs, ref)
+    assert_outputs_match(outputs, ref)
 
     for name in ENCODER_STAGES:
-        prefix = f"dbg__image_encoder.{name}__"
-        out = stages[name].double()
-        assert list(out.shape) == ref[prefix + "shape"].tolist(), name
-        mean, std, low, high = ref[prefix + "stats_mean_std_min_max"]
-        head_dev = np.abs(out.flatten()[:32].numpy() - ref[prefix + "head32"]).max()
-        assert head_dev <= REL_TOL * std, name
-        assert abs(out.mean().item() - mean) <= REL_TOL * std, name
-        assert abs(out.std().item() - std) <= REL_TOL * std, name
-        assert abs(out.min().item() - low) <= REL_TOL * std, name
-        assert abs(out.max().item() - high) <= REL_TOL * std, name
+        assert_stage_matches(stages[name], ref, name)
 
     # Batched decoding of all boxes against the single embedding matches per-box decoding.
     with torch.no_grad():
         low, iou = model.decode_boxes(outputs["image_embedding"], torch.from_numpy(boxes))
-    assert _rel_dev(low, ref["low_res_masks"]) <= REL_TOL
-    assert _abs_dev(iou, ref["iou_predictions"]) <= IOU_TOL
+    assert rel_dev(low, ref["low_res_masks"]) <= REL_TOL
+    assert abs_dev(iou, ref["iou_predictions"]) <= IOU_TOL
 
 
 def test_eval_before_load_gives_same_result():
@@ -271,7 +243,7 @@ def test_eval_before_load_gives_same_result():
     model.train()
     model.eval()  # a cache built here would hold the random initial biases
     model.load_state_dict(make_state_dict(MODEL_KEY, 0), strict=True)
-    _assert_parity(_run_reference_protocol(model, ref["image_u8"], ref["boxes"]), ref)
+    assert_outputs_match(_run_reference_protocol(model, ref["image_u8"], ref["boxes"]), ref)
 
 
 def test_parity_with_upstream_real_checkpoint():
@@ -282,5 +254,5 @@ def test_parity_with_upstream_real_checkpoint():
         pytest.skip(str(error))
     model = load_weights(build_model("litemedsam"), checkpoint)
     outputs = _run_reference_protocol(model, ref["image_u8"], ref["boxes"])
-    _assert_parity(outputs, ref)
+    assert_outputs_match(outputs, ref)
     assert (outputs["iou_predictions"].flatten() > 0.7).all()  # README: IoU [0.840, 0.766, 0.846]

@@ -21,13 +21,23 @@ from models import build_model, list_models
 from models.efficientvit import LiteMLA
 # Importing models.medficientsam registers "l0", "l1" and "l2".
 from models.medficientsam import build_efficientvit_encoder, build_medficientsam
-from reference import load_npz, make_case_inputs, make_state_dict, require_reference
+from reference import (
+    assert_outputs_match,
+    IOU_TOL,
+    REL_TOL,
+    abs_dev,
+    assert_stage_matches,
+    load_npz,
+    make_case_inputs,
+    make_state_dict,
+    rel_dev,
+    require_reference,
+)
+
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 VARIANTS = ("l0", "l1", "l2")
 NUM_PARAMETERS = {"l0": 34_792_784, "l1": 47_650_128, "l2": 61_328_592}
-REL_TOL = 3e-5
-IOU_TOL = 5e-6
-SPARSE_TOL = 1e-5
 ENCODER_STAGES = tuple(f"backbone.stages.{i}" for i in range(5)) + ("neck", "norm")
 
 
@@ -35,22 +45,8 @@ def _model_key(variant: str) -> str:
     return f"medficientsam_{variant}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
-def _rel_dev(actual: torch.Tensor, expected: np.ndarray) -> float:
-    """max|actual - expected| / std(expected)."""
-    diff = np.abs(actual.detach().numpy().astype(np.float64) - expected)
-    return float(diff.max() / expected.astype(np.float64).std())
-
-
-def _abs_dev(actual: torch.Tensor, expected: np.ndarray) -> float:
-    return float(np.abs(actual.detach().numpy().astype(np.float64) - expected).max())
 
 
 def _manifest(variant: str) -> dict:
@@ -182,25 +178,13 @@ def test_parity_with_upstream_synthetic_weights(variant):
     assert outputs["image_embedding"].shape == ref["image_embedding"].shape
     assert outputs["low_res_masks"].shape == ref["low_res_masks"].shape
     assert outputs["iou_predictions"].shape == ref["iou_predictions"].shape
-    assert _rel_dev(outputs["image_embedding"], ref["image_embedding"]) <= REL_TOL
-    assert _rel_dev(outputs["low_res_masks"], ref["low_res_masks"]) <= REL_TOL
-    assert _abs_dev(outputs["iou_predictions"], ref["iou_predictions"]) <= IOU_TOL
-    assert _abs_dev(outputs["sparse_embeddings"], ref["sparse_embeddings"]) <= SPARSE_TOL
+    assert_outputs_match(outputs, ref)
 
     for name in ENCODER_STAGES:
-        prefix = f"dbg__image_encoder.{name}__"
-        out = stages[name].double()
-        assert list(out.shape) == ref[prefix + "shape"].tolist(), name
-        mean, std, low, high = ref[prefix + "stats_mean_std_min_max"]
-        head_dev = np.abs(out.flatten()[:32].numpy() - ref[prefix + "head32"]).max()
-        assert head_dev <= REL_TOL * std, name
-        assert abs(out.mean().item() - mean) <= REL_TOL * std, name
-        assert abs(out.std().item() - std) <= REL_TOL * std, name
-        assert abs(out.min().item() - low) <= REL_TOL * std, name
-        assert abs(out.max().item() - high) <= REL_TOL * std, name
+        assert_stage_matches(stages[name], ref, name)
 
     # Batched decoding of all boxes against the single embedding matches per-box decoding.
     with torch.no_grad():
         low, iou = model.decode_boxes(outputs["image_embedding"], torch.from_numpy(boxes))
-    assert _rel_dev(low, ref["low_res_masks"]) <= REL_TOL
-    assert _abs_dev(iou, ref["iou_predictions"]) <= IOU_TOL
+    assert rel_dev(low, ref["low_res_masks"]) <= REL_TOL
+    assert abs_dev(iou, ref["iou_predictions"]) <= IOU_TOL

@@ -22,38 +22,28 @@ from models import build_model, list_models
 from models.medsam import build_medsam_prompt_parts  # importing models.medsam registers "medsam"
 from models.vit import Attention, relative_position_table
 from reference import (
+    assert_outputs_match,
+    IOU_TOL,
     REFERENCE_DIR,
+    REL_TOL,
+    abs_dev,
     load_npz,
     make_case_inputs,
     make_state_dict,
+    rel_dev,
     require_reference,
 )
 
+pytestmark = pytest.mark.usefixtures("two_threads")
+
 MODEL_KEY = "medsam_vit_b"
 INPUT_SIZE = 1024
-REL_TOL = 3e-5
-IOU_TOL = 5e-6
-SPARSE_TOL = 1e-5
 ENCODER_STAGES = ("patch_embed", *(f"blocks.{i}" for i in range(12)), "neck")
 SEED_CASES = sorted(p.name for p in (REFERENCE_DIR / MODEL_KEY).glob("case_seed*.npz"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
-def _rel_dev(actual: torch.Tensor, expected: np.ndarray) -> float:
-    """max|actual - expected| / std(expected)."""
-    diff = np.abs(actual.detach().numpy().astype(np.float64) - expected)
-    return float(diff.max() / expected.astype(np.float64).std())
-
-
-def _abs_dev(actual: torch.Tensor, expected: np.ndarray) -> float:
-    return float(np.abs(actual.detach().numpy().astype(np.float64) - expected).max())
 
 
 def _summary_hook(store: dict, name: str):
@@ -192,12 +182,7 @@ def test_encoder_rejects_other_sizes(model):
 
 def test_embedding_and_decoder_parity(reference_run):
     ref = reference_run["ref"]
-    for key in ("image_embedding", "low_res_masks", "iou_predictions", "sparse_embeddings"):
-        assert tuple(reference_run[key].shape) == ref[key].shape, key
-    assert _rel_dev(reference_run["image_embedding"], ref["image_embedding"]) <= REL_TOL
-    assert _rel_dev(reference_run["low_res_masks"], ref["low_res_masks"]) <= REL_TOL
-    assert _abs_dev(reference_run["iou_predictions"], ref["iou_predictions"]) <= IOU_TOL
-    assert _abs_dev(reference_run["sparse_embeddings"], ref["sparse_embeddings"]) <= SPARSE_TOL
+    assert_outputs_match(reference_run, ref)
 
 
 @pytest.mark.parametrize("name", ENCODER_STAGES)
@@ -220,5 +205,5 @@ def test_batched_decoding_matches_reference(reference_run, model):
         low, iou = model.decode_boxes(
             reference_run["image_embedding"], torch.from_numpy(ref["boxes"])
         )
-    assert _rel_dev(low, ref["low_res_masks"]) <= REL_TOL
-    assert _abs_dev(iou, ref["iou_predictions"]) <= IOU_TOL
+    assert rel_dev(low, ref["low_res_masks"]) <= REL_TOL
+    assert abs_dev(iou, ref["iou_predictions"]) <= IOU_TOL

@@ -28,17 +28,13 @@ from models.engine import MEDFICIENTSAM_DOCKER, MEDFICIENTSAM_SRC_INFER, MEDSAM_
 from reference import assert_segs_match, load_npz, make_state_dict, require_data, require_reference
 from helpers import harness_cli
 
+pytestmark = pytest.mark.usefixtures("two_threads")
+
 CASES = ("2DBox_Mammography_demo", "3DBox_Synthetic_demo")
 MODEL_KEYS = {"medsam": "medsam_vit_b", "l0": "medficientsam_l0", "l1": "medficientsam_l1",
               "l2": "medficientsam_l2"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,17 @@ class LayerNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def conv_neck(in_chans: int, out_chans: int = 256) -> nn.Sequential:
+    """SAM's image-encoder neck: 1x1 conv -> LayerNorm2d -> 3x3 conv -> LayerNorm2d, no biases,
+    eps 1e-6 (ViT-B and TinyViT both end in it; keys ``0.weight``, ``1.weight`` ... ``3.bias``)."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_chans, kernel_size=1, bias=False),
+        LayerNorm2d(out_chans, eps=1e-6),
+        nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_chans, eps=1e-6),
+    )
+
+
 class MLPBlock(nn.Module):
     """Two-layer feed-forward block ``lin2(act(lin1(x)))`` of the two-way transformer.
 

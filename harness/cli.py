@@ -52,6 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         weights_dir=weights_dir,
         allow_pickle=args.allow_pickle,
         threads=args.threads,
+        path=args.path,
         retry_errors=args.retry_errors,
         progress=not args.no_progress,
     )
@@ -140,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also load whole-module pickles (medficientsam's model.pth); this runs code "
                         "from the file: only for files you trust")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
+    p.add_argument("--path", choices=("faithful", "fast"), default="faithful",
+                   help="execution path of the torch segmenters: faithful (the upstream call pattern, default) "
+                        "or fast (3D slices encoded once per case in batches and cached, 2D boxes decoded "
+                        "in one call; same masks within the reference bars)")
     p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-published", action="store_true",

@@ -53,6 +53,7 @@ class RunConfig:
     allow_pickle: bool = False
     threads: int | None = None
     device: str = "cpu"
+    path: str = "faithful"
     retry_errors: bool = False
     progress: bool = True
 
@@ -115,6 +116,7 @@ def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig,
         "runner": RUNNER,
         "threads": threads,
         "device": config.device,
+        "path": config.path,
         "warnings": [],
         "segs": None,
         "finished_at": None,
@@ -198,6 +200,7 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
                 weights_dir=config.weights_dir,
                 all_weights=dict(config.weights),
                 allow_pickle=config.allow_pickle,
+                path=config.path,
             )
             try:
                 segmenter = spec.load(options)

@@ -45,7 +45,9 @@ class LoadOptions:
     for segmenters built from parts of others (a distilled student completed with MedSAM's
     decoder); ``weights_dir`` is ``--weights-dir``; ``allow_pickle`` is the user's explicit
     ``--allow-pickle`` for whole-module pickles; ``device`` a torch device string; ``threads`` the
-    CPU thread count the run pins.
+    CPU thread count the run pins; ``path`` the execution path (``--path``): ``"faithful"`` (the
+    upstream call pattern) or ``"fast"`` (batched and cached model calls, same masks within the
+    reference bars), for segmenters that have both (the engine-based ones).
     """
 
     weights: Path | None = None
@@ -54,6 +56,7 @@ class LoadOptions:
     weights_dir: Path | None = None
     all_weights: Mapping[str, Path] = field(default_factory=dict)
     allow_pickle: bool = False
+    path: str = "faithful"
 
 
 @runtime_checkable

@@ -40,7 +40,7 @@ def load_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     out_dir = Path(out_dir)
     records = latest_records(read_records(out_dir / RESULTS_FILE))
     columns = ["model", "case", "modality", "dim", "status", "dsc", "nsd", "seconds", "peak_rss_mb",
-               "timing_mode", "runner", "threads"]
+               "timing_mode", "runner", "threads", "path"]
     frame = pd.DataFrame.from_records(records)
     for col in columns:
         if col not in frame:
@@ -89,9 +89,13 @@ def model_summary(frame: pd.DataFrame, models: dict[str, dict]) -> pd.DataFrame:
         ok = sub[sub["status"] == "ok"]
         mods = per_modality[per_modality["model"] == model]
         info = models.get(model, {})
+        path = execution_path(ok if not ok.empty else sub, info)
+        title = info.get("title", model)
         row = {
             "model": model,
-            "title": info.get("title", model),
+            "title": title,
+            "path": path,
+            "method": f"{title} [{path}]" if path and path != "faithful" else title,
             "resolution": info.get("resolution"),
             "params": info.get("params"),
             "flops": info.get("flops"),
@@ -109,6 +113,18 @@ def model_summary(frame: pd.DataFrame, models: dict[str, dict]) -> pd.DataFrame:
             row[f"memory_{dim}"] = part["peak_rss_mb"].max() if not part.empty else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def execution_path(records: pd.DataFrame, info: dict) -> str | None:
+    """The execution path (``--path``) behind a model's row: the paths its records name
+    ("fast+faithful" when a resumed run mixed them), else the one models.json records; None for a
+    segmenter without execution paths (a baseline)."""
+    if "path" not in info:
+        return None
+    paths = sorted({str(p) for p in records.get("path", pd.Series(dtype=object)).dropna()})
+    if not paths:
+        return str(info.get("path") or "faithful")
+    return "+".join(paths)
 
 
 def _has_gt(frame: pd.DataFrame) -> pd.Series:
@@ -139,6 +155,12 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
         "memory the largest per-case peak RSS. FLOPs count multiply-accumulates for one image and one box at the "
         "model's resolution (the published tables' unit)."
     )
+    if (summary["method"] != summary["title"]).any():
+        lines.append("")
+        lines.append(
+            "A Method tagged [fast] ran on the fast execution path (`harness run --path fast`: batched and cached "
+            "model calls, the same masks within the reference bars); an untagged torch model on the faithful path."
+        )
     if reported and any(_reported_of(models, m) for m in summary["model"]):
         lines.append("")
         lines.append(
@@ -157,7 +179,7 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
         if r["nan_dsc"]:
             cases += f" ({r['nan_dsc']} NaN)"
         body.append([
-            r["title"],
+            r["method"],
             _fmt(r["resolution"], ".0f") if r["resolution"] else "-",
             _fmt_count(r["params"]),
             _fmt_count(r["flops"]),
@@ -212,6 +234,7 @@ def _reported_rows(r: pd.Series, rep: dict) -> list[list[str]]:
 def _modality_table(frame: pd.DataFrame, summary: pd.DataFrame, models: dict[str, dict] | None = None) -> str:
     per_modality = modality_means(frame)
     titles = dict(zip(summary["model"], summary["title"]))
+    methods = dict(zip(summary["model"], summary["method"]))
     measured = list(summary["model"])
     modalities = sorted(per_modality["modality"].dropna().unique())
     # published per-modality columns, for the modalities this run measured
@@ -244,7 +267,7 @@ def _modality_table(frame: pd.DataFrame, summary: pd.DataFrame, models: dict[str
         average.append(f"{_fmt(r['dsc'] * 100, '.2f')} / {_fmt(r['nsd'] * 100, '.2f')}")
     average += ["-"] * len(published)  # published averages cover other modalities: see the main table
     body.append(average)
-    headers = ["Modality", "Cases"] + [titles[m] for m in measured] + [title for title, _ in published]
+    headers = ["Modality", "Cases"] + [methods[m] for m in measured] + [title for title, _ in published]
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 

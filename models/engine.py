@@ -11,7 +11,8 @@ field, and the named presets below pin the combination each upstream script uses
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -22,6 +23,9 @@ from . import preprocess as pp
 __all__ = [
     "PipelineConfig",
     "BoxPromptEngine",
+    "EngineStats",
+    "SliceCache",
+    "EXECUTION_PATHS",
     "LITEMEDSAM_CVPR24",
     "LITEMEDSAM_SRC_INFER",
     "MEDFICIENTSAM_DOCKER",
@@ -64,6 +68,24 @@ class PipelineConfig:
                     reuse a slice's embedding across the boxes of one 3D case.  No upstream
                     torch pipeline does this (False = upstream behaviour); the encoder is
                     deterministic, so it only changes run time.
+    fast            the fast execution path (False = the faithful path, the upstream call
+                    pattern).  Same pipeline semantics, fewer and larger model calls.
+                    3D: before propagation the engine lists the slices the boxes' z-plans visit,
+                    in order (the embeddings depend on the slice alone); a slice not yet encoded
+                    is encoded together with the next planned slices not yet encoded (at most
+                    ``encoder_batch`` per encoder call) into a per-case cache shared by all
+                    boxes, which holds owned copies, each until its last planned visit, within
+                    ``cache_mb`` (an entry that does not fit is not kept and its slice is
+                    encoded again at its next visit: never more encodes than the faithful path).
+                    Within the budget, every slice of a case is encoded exactly once.
+                    2D: all boxes of an image in one decoder call (as ``batch_boxes_2d``).
+                    Batched encoder / decoder calls can differ from one-at-a-time calls in the
+                    last float bits (different matmul blocking); the masks are the same within
+                    the reference bars (tests/test_fast_path.py).
+    encoder_batch   most slices per encoder call on the fast path.
+    cache_mb        byte budget of the slice-embedding cache (MiB), for the fast path and for
+                    ``cache_slice_embeddings`` (which keeps every slice until the case ends,
+                    evicting the least recently used entry when full).
     """
 
     name: str = "custom"
@@ -79,6 +101,9 @@ class PipelineConfig:
     clamp_z: bool = False
     batch_boxes_2d: bool = False
     cache_slice_embeddings: bool = False
+    fast: bool = False
+    encoder_batch: int = 4
+    cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         choices = {
@@ -96,9 +121,43 @@ class PipelineConfig:
             raise ValueError("prev_mask_256_shift3 builds boxes in the input frame; needs prompt_size == input_size")
         if self.postprocess == "crop_resize" and self.input_size != 256:
             raise ValueError("crop_resize crops the 256x256 logits; needs input_size == 256")
+        if int(self.encoder_batch) < 1:
+            raise ValueError(f"encoder_batch must be >= 1, got {self.encoder_batch}")
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
 
     def with_options(self, **changes) -> "PipelineConfig":
         return replace(self, **changes)
+
+    @property
+    def path(self) -> str:
+        """The execution path: ``"fast"`` or ``"faithful"``."""
+        return "fast" if self.fast else "faithful"
+
+    def fast_variant(self, **changes) -> "PipelineConfig":
+        """This pipeline on the fast execution path (same semantics, batched and cached calls)."""
+        return replace(self, fast=True, **changes)
+
+    def faithful_variant(self) -> "PipelineConfig":
+        """This pipeline on the faithful execution path (the upstream call pattern)."""
+        return replace(self, fast=False)
+
+    def for_path(self, path: str) -> "PipelineConfig":
+        """``fast_variant()`` or ``faithful_variant()`` by name (one of :data:`EXECUTION_PATHS`)."""
+        if path not in EXECUTION_PATHS:
+            raise ValueError(f"execution path {path!r}; expected one of {EXECUTION_PATHS}")
+        return self.fast_variant() if path == "fast" else self.faithful_variant()
+
+    @property
+    def caches_slices(self) -> bool:
+        return self.fast or self.cache_slice_embeddings
+
+    @property
+    def decodes_boxes_together(self) -> bool:
+        return self.fast or self.batch_boxes_2d
+
+
+EXECUTION_PATHS = ("faithful", "fast")
 
 
 # LiteMedSAM challenge baseline: bowang-lab/MedSAM@LiteMedSAM CVPR24_LiteMedSAM_infer.py
@@ -179,8 +238,108 @@ def z_plan(z_min, z_max, depth: int, config: PipelineConfig) -> Tuple[int, List[
     return int(z_mid), upward, downward
 
 
+@dataclass
+class EngineStats:
+    """Counters of one engine since it was built (or since :meth:`BoxPromptEngine.reset_stats`).
+
+    encoder_calls     image-encoder forward calls (a batch of k slices is one call);
+    images_encoded    images (2D) and slices (3D) encoded, summed over those calls;
+    encoder_batches   the batch size of each encoder call, in order;
+    decoder_calls     prompt encoder + mask decoder calls (a batch of boxes is one call);
+    cache_hits / cache_misses / cache_evictions
+                      slice-embedding cache lookups that found / missed an entry, and entries
+                      dropped for the byte budget;
+    peak_cache_bytes  the most bytes the slice cache held at any time;
+    """
+
+    encoder_calls: int = 0
+    images_encoded: int = 0
+    encoder_batches: List[int] = field(default_factory=list)
+    decoder_calls: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_evictions: int = 0
+    peak_cache_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+
+class SliceCache:
+    """Per-case slice embeddings, bounded by ``budget_bytes`` with LRU eviction.
+
+    Entries are owned copies (never views of a batch output or of a tensor someone else holds),
+    and :meth:`get` hands out a fresh copy, so a caller that modifies the embedding it received
+    cannot change what a later box sees (the aliasing bug of medficientsam's C++ cache).
+    """
+
+    def __init__(self, budget_bytes: int, stats: EngineStats):
+        self.budget_bytes = int(budget_bytes)
+        self.stats = stats
+        self._entries: "OrderedDict[int, torch.Tensor]" = OrderedDict()
+        self.bytes = 0
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: int) -> Optional[torch.Tensor]:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.stats.cache_misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.stats.cache_hits += 1
+        return entry.clone()
+
+    def pop(self, key: int) -> torch.Tensor:
+        """Remove and return the entry itself (the caller owns it from now on); a cache hit."""
+        entry = self._entries.pop(key)
+        self.bytes -= _nbytes(entry)
+        self.stats.cache_hits += 1
+        return entry
+
+    def put(self, key: int, embedding: torch.Tensor, evict: bool = True) -> bool:
+        """Store an owned copy of ``embedding``, evicting least recently used entries to make room
+        (``evict=False``: store only if it fits as is); False if nothing was stored."""
+        size = _nbytes(embedding)
+        if size > self.budget_bytes:
+            return False
+        if key in self._entries:
+            self.bytes -= _nbytes(self._entries.pop(key))
+        if not evict and self.bytes + size > self.budget_bytes:
+            return False
+        while self._entries and self.bytes + size > self.budget_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= _nbytes(old)
+            self.stats.cache_evictions += 1
+        self._entries[key] = embedding.clone(memory_format=torch.contiguous_format)
+        self.bytes += size
+        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.bytes)
+        return True
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+# One (1, 256, 64, 64) float32 embedding: the engine's model interface, assumed until the first
+# encoder call of an engine shows the real size.
+_ASSUMED_EMBEDDING_BYTES = 256 * 64 * 64 * 4
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 class BoxPromptEngine:
-    """Box-prompted segmentation of a 2D image or a 3D volume with one SAM-style model."""
+    """Box-prompted segmentation of a 2D image or a 3D volume with one SAM-style model.
+
+    ``config.fast`` selects the fast execution path (see :class:`PipelineConfig`); the counters of
+    :class:`EngineStats` (``engine.stats``) show what it saved.
+    """
 
     def __init__(self, model: torch.nn.Module, config: PipelineConfig = LITEMEDSAM_CVPR24, device=None):
         self.model = model
@@ -192,9 +351,19 @@ class BoxPromptEngine:
                 device = torch.device("cpu")
         self.device = torch.device(device)
         self._volume: Optional[np.ndarray] = None
-        self._slice_cache: Dict[int, torch.Tensor] = {}
+        self.stats = EngineStats()
+        self._slice_cache = SliceCache(0, self.stats)
         self._new_size: Tuple[int, int] = (0, 0)
-        self.encoder_calls = 0  # how often the image encoder ran (the slice cache's effect shows here)
+        self._embedding_bytes: Optional[int] = None  # bytes of one slice embedding, once known
+
+    @property
+    def encoder_calls(self) -> int:
+        """How often the image encoder ran (the slice cache's and batching's effect shows here)."""
+        return self.stats.encoder_calls
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+        self._slice_cache.stats = self.stats
 
     # ------------------------------------------------------------------ public API
     def segment(self, imgs: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -229,7 +398,10 @@ class BoxPromptEngine:
             tensor, new_size = pp.preprocess_image(rgb, cfg.input_size, cfg.resize)
             embedding = self.encode(tensor)
             prompts = np.stack([pp.scale_box(b, original_size, cfg.prompt_size) for b in boxes])
-            groups = [np.arange(len(prompts))] if cfg.batch_boxes_2d else [np.array([i]) for i in range(len(prompts))]
+            if cfg.decodes_boxes_together:
+                groups = [np.arange(len(prompts))]
+            else:
+                groups = [np.array([i]) for i in range(len(prompts))]
             for group in groups:
                 low_res = self.decode(embedding, prompts[group])
                 for row, i in enumerate(group):  # postprocess one box at a time (same numbers, less memory)
@@ -246,7 +418,7 @@ class BoxPromptEngine:
             return segs
         if boxes.shape[-1] != 6:
             raise ValueError(f"3D boxes must be (N, 6), got {boxes.shape}")
-        self.begin_volume(volume)
+        self.begin_volume(volume, boxes)
         try:
             with torch.inference_mode():
                 for i, box in enumerate(boxes):
@@ -271,11 +443,15 @@ class BoxPromptEngine:
 
     # ------------------------------------------------------------------ building blocks
     def encode(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.encoder_calls += 1
+        """Embeddings (B, 256, 64, 64) of a (B, 3, S, S) batch: one image-encoder call."""
+        self.stats.encoder_calls += 1
+        self.stats.images_encoded += int(tensor.shape[0])
+        self.stats.encoder_batches.append(int(tensor.shape[0]))
         return self.model.image_encoder(tensor.to(self.device))
 
     def decode(self, embedding: torch.Tensor, prompt_boxes: np.ndarray) -> torch.Tensor:
         """Low-res logits (B, 1, 256, 256) for B boxes already in the prompt frame."""
+        self.stats.decoder_calls += 1
         boxes = torch.as_tensor(np.asarray(prompt_boxes, dtype=np.float64).reshape(-1, 4), dtype=torch.float32)
         low_res, _ = self.model.decode_boxes(embedding, boxes.to(self.device))
         return low_res
@@ -296,14 +472,48 @@ class BoxPromptEngine:
         return pp.scale_box(box, previous_mask.shape[:2], cfg.prompt_size)
 
     # ------------------------------------------------------------------ per-volume state
-    def begin_volume(self, volume: np.ndarray) -> None:
+    def begin_volume(self, volume: np.ndarray, boxes: Optional[np.ndarray] = None) -> None:
+        """Start a 3D case; on the fast path ``boxes`` gives the slice visit plan."""
         self._volume = volume
-        self._slice_cache = {}
+        budget = int(self.config.cache_mb * 2**20) if self.config.caches_slices else 0
+        self._slice_cache = SliceCache(budget, self.stats)
         self._new_size = pp.letterbox_size(volume.shape[1], volume.shape[2], self.config.input_size)
+        self._plan: Optional[List[int]] = None
+        self._plan_pos = 0
+        self._remaining: Dict[int, int] = {}
+        if self.config.fast and boxes is not None:
+            self._plan = self.planned_visits(boxes)
+            for key in self._plan:
+                self._remaining[key] = self._remaining.get(key, 0) + 1
 
     def end_volume(self) -> None:
         self._volume = None
-        self._slice_cache = {}
+        self._slice_cache.clear()
+        self._plan = None
+        self._remaining = {}
+
+    def _slice_key(self, z: int) -> Optional[int]:
+        return _slice_index(z, self._volume.shape[0])
+
+    def planned_visits(self, boxes: np.ndarray, depth: Optional[int] = None) -> List[int]:
+        """The slices the propagation will encode, in order (box by box, upward then downward), as
+        non-negative indices.  The embeddings depend on the slice alone, so this is known before
+        any mask is.  Stops at the first out-of-range z (where the propagation itself raises).
+        ``depth``: the volume's (default: the current volume's)."""
+        depth = self._volume.shape[0] if depth is None else depth
+        visits: List[int] = []
+        for box in np.asarray(boxes).reshape(-1, 6):
+            _, upward, downward = z_plan(box[2], box[5], depth, self.config)
+            for z in upward + downward:
+                key = _slice_index(z, depth)
+                if key is None:
+                    return visits
+                visits.append(key)
+        return visits
+
+    def planned_slices(self, boxes: np.ndarray, depth: Optional[int] = None) -> List[int]:
+        """Sorted union of the slices the boxes' z-plans visit."""
+        return sorted(set(self.planned_visits(boxes, depth)))
 
     def slice_tensor(self, z: int) -> torch.Tensor:
         """Encoder input (1, 3, S, S) for slice z of the current volume."""
@@ -312,20 +522,82 @@ class BoxPromptEngine:
         return tensor
 
     def encode_slice(self, z: int) -> torch.Tensor:
-        """Embedding of slice z of the current volume (upstream: recomputed every time)."""
-        depth = self._volume.shape[0]
-        key = z + depth if -depth <= z < 0 else z
-        if self.config.cache_slice_embeddings and key in self._slice_cache:
-            return self._slice_cache[key]
-        embedding = self.encode(self.slice_tensor(z))
-        if self.config.cache_slice_embeddings:
-            self._slice_cache[key] = embedding.clone()
+        """Embedding (1, 256, 64, 64) of slice z of the current volume.
+
+        Faithful path: recomputed at every visit, as upstream does (or, with
+        ``cache_slice_embeddings``, kept in the bounded cache for the rest of the case).
+        Fast path: see :meth:`_encode_planned`.
+        """
+        if not self.config.caches_slices:
+            return self.encode(self.slice_tensor(z))
+        key = self._slice_key(z)
+        if key is None:
+            return self.encode(self.slice_tensor(z))  # out of range: raises IndexError, as upstream
+        if self._plan is not None:
+            return self._encode_planned(key)
+        cached = self._slice_cache.get(key)
+        if cached is not None:
+            return cached
+        embedding = self.encode(self.slice_tensor(key))
+        self._slice_cache.put(key, embedding)
         return embedding
+
+    def _encode_planned(self, key: int) -> torch.Tensor:
+        """Fast path: the visit plan says which slices come next and how often each is visited.
+
+        A slice missing from the cache is encoded together with the next slices of the plan that
+        are not cached yet (at most ``encoder_batch`` per encoder call, and only as many as the
+        byte budget holds); each entry is an owned copy, kept until its last planned visit and
+        then handed over (earlier visits get a copy).  With budget to spare every slice of the
+        case is encoded exactly once; with too little, a slice that found no room is encoded
+        again at its next visit (never more often than on the faithful path).
+        """
+        plan = self._plan
+        if self._plan_pos < len(plan) and plan[self._plan_pos] == key:
+            self._plan_pos += 1
+        else:  # the propagation left the plan (cannot happen with z_plan): plain caching from here
+            self._plan = None
+            return self.encode_slice(key)
+        self._remaining[key] -= 1
+        last_visit = self._remaining[key] == 0
+        cache = self._slice_cache
+        if key in cache:
+            return cache.pop(key) if last_visit else cache.get(key)
+        self.stats.cache_misses += 1
+        batch = [key]
+        per_slice = self._embedding_bytes or _ASSUMED_EMBEDDING_BYTES
+        for ahead in plan[self._plan_pos :]:
+            if len(batch) >= self.config.encoder_batch:
+                break
+            if ahead in cache or ahead in batch:
+                continue
+            if cache.bytes + per_slice * len(batch) > cache.budget_bytes:
+                break  # no room to keep it: encoded at its own visit instead
+            batch.append(ahead)
+        tensor = torch.cat([self.slice_tensor(k) for k in batch], dim=0) if len(batch) > 1 else self.slice_tensor(key)
+        embeddings = self.encode(tensor)
+        self._embedding_bytes = _nbytes(embeddings[:1])
+        # Nothing is evicted on this path: an entry that does not fit is simply not kept, so every
+        # encoded slice serves at least one visit and the fast path never encodes more than the
+        # faithful one.  Slices due soonest (the look-ahead) take the room first.
+        for row, ahead in enumerate(batch[1:], start=1):
+            cache.put(ahead, embeddings[row : row + 1], evict=False)
+        own = embeddings if len(batch) == 1 else embeddings[:1].clone()  # never a view of the batch
+        if not last_visit:
+            cache.put(key, own, evict=False)  # stores its own copy
+        return own
 
     def segment_slice(self, z: int, prompt_box: np.ndarray) -> np.ndarray:
         embedding = self.encode_slice(z)
         low_res = self.decode(embedding, prompt_box)
         return self.to_mask(low_res, self._new_size, self._volume.shape[1:3])
+
+
+def _slice_index(z: int, depth: int) -> Optional[int]:
+    """The non-negative index slice z reads (numpy indexing), or None if it is out of range."""
+    if -depth <= z < 0:
+        return z + depth
+    return z if 0 <= z < depth else None
 
 
 def _as_uint8(imgs: np.ndarray) -> np.ndarray:

@@ -17,7 +17,12 @@ from models.registry import build_model
 class TorchSegmenter:
     """A registered torch model run through the shared :class:`~models.engine.BoxPromptEngine`."""
 
-    def __init__(self, model_name: str, model: torch.nn.Module, config: PipelineConfig, weights: str):
+    def __init__(self, model_name: str, model: torch.nn.Module, config: PipelineConfig, weights: str,
+                 path: str | None = None):
+        """``path`` (``"faithful"`` / ``"fast"``, see :meth:`PipelineConfig.for_path`) overrides the
+        execution path of ``config``; None keeps it."""
+        if path is not None:
+            config = config.for_path(path)
         info = getattr(model, "info", None)
         if info is not None and info.input_size != config.input_size:
             raise ValueError(f"{model_name} takes {info.input_size}px input but pipeline {config.name} "
@@ -37,7 +42,7 @@ class TorchSegmenter:
         model = build_model(model_name)
         load_weights(model, path, allow_pickle=bool(getattr(options, "allow_pickle", False)))
         device = options.device if options is not None else "cpu"
-        return cls(model_name, model.to(device), config, weights=str(path))
+        return cls(model_name, model.to(device), config, weights=str(path), path=getattr(options, "path", None))
 
     def segment(self, case) -> np.ndarray:
         return self.engine.segment(case.imgs, case.boxes)
@@ -51,6 +56,7 @@ class TorchSegmenter:
             "weights": self.weights,
             "weights_sha256": _sha256(self.weights),
             "pipeline": self.config.name,
+            "path": self.config.path,
             **self.extra,
         }
 

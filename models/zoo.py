@@ -219,7 +219,7 @@ def load_distilled(variant: str, student: Checkpoint, options, name: Optional[st
     check_state(model, combined, model_name=f"{name} (student + {donor} prompt encoder/decoder)")
     model.load_state_dict(combined.state, strict=True)
     segmenter = TorchSegmenter(name, _placed(model, options), distilled_pipeline(model.info.prompt_size),
-                               weights=str(student.path))
+                               weights=str(student.path), path=_path(options))
     segmenter.extra = {"checkpoint_format": student.format, "completed_with": combined.meta["completed_with"],
                        "completed_with_sha256": _sha(donor_path)}
     return segmenter
@@ -239,10 +239,16 @@ def _placed(model, options):
     return model.to(device)
 
 
+def _path(options) -> Optional[str]:
+    """The execution path the user chose (``LoadOptions.path``), None if the options have none."""
+    return getattr(options, "path", None) if options is not None else None
+
+
 def _segmenter(name: str, model, checkpoint: Checkpoint, config: PipelineConfig, options) -> TorchSegmenter:
     check_state(model, checkpoint, model_name=name)
     model.load_state_dict(checkpoint.state, strict=True)
-    segmenter = TorchSegmenter(name, _placed(model, options), config, weights=str(checkpoint.path))
+    segmenter = TorchSegmenter(name, _placed(model, options), config, weights=str(checkpoint.path),
+                               path=_path(options))
     segmenter.extra = {"checkpoint_format": checkpoint.format}
     return segmenter
 

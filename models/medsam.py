@@ -19,7 +19,7 @@ def build_medsam_prompt_parts(prompt_size: int = MEDSAM_INPUT_SIZE) -> tuple[Pro
     """MedSAM's prompt encoder and mask decoder (6,220 + 4,058,340 parameters).
 
     Prompt frame ``prompt_size`` (MedSAM: 1024), embedding (256, 64, 64), decoder LayerNorm eps
-    1e-5. Also used to complete distilled checkpoints that carry only an image encoder.
+    1e-5: :func:`models.sam.build_prompt_parts` with MedSAM's settings.
     """
     return build_prompt_parts(prompt_size, layer_norm_eps=1e-5)
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoints import load_weights
+from models.checkpoints import Checkpoint, check_state, read_checkpoint
 from models.complexity import count_parameters, measure_compute
 from models.engine import BoxPromptEngine, PipelineConfig
 from models.registry import build_model
@@ -36,13 +36,26 @@ class TorchSegmenter:
 
     @classmethod
     def from_checkpoint(cls, model_name: str, path: str | Path, config: PipelineConfig, options=None) -> "TorchSegmenter":
-        """Build ``model_name``, load ``path`` (weights_only=True, strict) and wrap it with ``config``."""
-        if options is not None and options.threads:
+        """Build ``model_name``, load ``path`` (any layout of :func:`models.checkpoints.read_checkpoint`,
+        weights_only=True, strict) and wrap it with ``config``."""
+        checkpoint = read_checkpoint(path, allow_pickle=bool(getattr(options, "allow_pickle", False)))
+        return cls.from_state(model_name, build_model(model_name), checkpoint, config, options)
+
+    @classmethod
+    def from_state(cls, name: str, model: torch.nn.Module, checkpoint: Checkpoint, config: PipelineConfig,
+                   options=None, what: str | None = None) -> "TorchSegmenter":
+        """Load ``checkpoint`` into ``model`` strictly (a mismatch raises CheckpointError naming the
+        file and ``what`` the model is, default ``name``), pin the threads and device of ``options``
+        and wrap the model with ``config`` on the execution path ``options.path``."""
+        check_state(model, checkpoint, model_name=what or name)
+        model.load_state_dict(checkpoint.state, strict=True)
+        if options is not None and getattr(options, "threads", None):
             torch.set_num_threads(options.threads)
-        model = build_model(model_name)
-        load_weights(model, path, allow_pickle=bool(getattr(options, "allow_pickle", False)))
-        device = options.device if options is not None else "cpu"
-        return cls(model_name, model.to(device), config, weights=str(path), path=getattr(options, "path", None))
+        device = getattr(options, "device", None) or "cpu"
+        segmenter = cls(name, model.to(device), config, weights=str(checkpoint.path),
+                        path=getattr(options, "path", None))
+        segmenter.extra = {"checkpoint_format": checkpoint.format}
+        return segmenter
 
     def segment(self, case) -> np.ndarray:
         return self.engine.segment(case.imgs, case.boxes)
@@ -54,14 +67,15 @@ class TorchSegmenter:
             "flops": compute.macs,
             "flops_fvcore_style": compute.fvcore_style_macs,
             "weights": self.weights,
-            "weights_sha256": _sha256(self.weights),
+            "weights_sha256": file_sha256(self.weights),
             "pipeline": self.config.name,
             "path": self.config.path,
             **self.extra,
         }
 
 
-def _sha256(path: str) -> str | None:
+def file_sha256(path: str | Path) -> str | None:
+    """Hex sha256 of a file's bytes; None when there is no such file."""
     p = Path(path)
     if not p.is_file():
         return None

@@ -21,12 +21,12 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .checkpoints import Checkpoint, CheckpointError, check_state, default_litemedsam_checkpoint, read_checkpoint
+from .checkpoints import Checkpoint, CheckpointError, default_litemedsam_checkpoint, read_checkpoint
 from .engine import MEDFICIENTSAM_DOCKER, MEDFICIENTSAM_SRC_INFER, MEDSAM_MFS, PipelineConfig
 from .registry import build_model
 from .sam import build_prompt_parts
 from .segmenter_module import ModelInfo, PromptableSAM
-from .segmenters import TorchSegmenter
+from .segmenters import TorchSegmenter, file_sha256
 
 WEIGHTS_DIR_ENV = "HARNESS_WEIGHTS_DIR"
 VARIANTS = ("l0", "l1", "l2")
@@ -121,7 +121,7 @@ def load_medsam(options) -> TorchSegmenter:
             "medsam", "medsam_vit_b.pth, a plain state_dict",
             " The MedSAM ViT-B checkpoint is linked from the bowang-lab/MedSAM README; the harness does not download it.",
         )
-    return _segmenter("medsam", build_model("medsam"), _read(path, options), MEDSAM_MFS, options)
+    return TorchSegmenter.from_state("medsam", build_model("medsam"), _read(path, options), MEDSAM_MFS, options)
 
 
 # --------------------------------------------------------------------------- MedficientSAM
@@ -149,7 +149,7 @@ def load_medficientsam(variant: str, options, distilled_only: bool = False) -> T
             f"{path} ({checkpoint.describe()}) holds a full model, not a distilled encoder; "
             f"run it as {variant} (--weights {variant}={path})"
         )
-    return _segmenter(name, build_model(variant), checkpoint, MEDFICIENTSAM_DOCKER, options)
+    return TorchSegmenter.from_state(name, build_model(variant), checkpoint, MEDFICIENTSAM_DOCKER, options)
 
 
 def build_distilled(variant: str, donor: str) -> PromptableSAM:
@@ -205,56 +205,29 @@ def load_distilled(variant: str, student: Checkpoint, options, name: Optional[st
             f"with MedSAM's prompt encoder and mask decoder, so MedSAM weights are needed too: add "
             f"--weights medsam=PATH (medsam_vit_b.pth) or put medsam_vit_b.pth in --weights-dir"
         )
-    donor_ckpt = _read(donor_path, options)
     model = build_distilled(variant, donor)
-    prompt_parts = {k: v for k, v in donor_ckpt.state.items() if not k.startswith("image_encoder.")}
-    if donor_ckpt.encoder_only or not prompt_parts:
-        raise CheckpointError(f"{donor_path}: the {donor} checkpoint has no prompt encoder / mask decoder")
     combined = Checkpoint(
         path=student.path,
         format=student.format,
-        state={**student.state, **prompt_parts},
+        state={**student.state, **prompt_parts(_read(donor_path, options), donor)},
         meta={**student.meta, "completed_with": f"{donor} ({donor_path})"},
     )
-    check_state(model, combined, model_name=f"{name} (student + {donor} prompt encoder/decoder)")
-    model.load_state_dict(combined.state, strict=True)
-    segmenter = TorchSegmenter(name, _placed(model, options), distilled_pipeline(model.info.prompt_size),
-                               weights=str(student.path), path=_path(options))
-    segmenter.extra = {"checkpoint_format": student.format, "completed_with": combined.meta["completed_with"],
-                       "completed_with_sha256": _sha(donor_path)}
+    segmenter = TorchSegmenter.from_state(name, model, combined, distilled_pipeline(model.info.prompt_size), options,
+                                          what=f"{name} (student + {donor} prompt encoder/decoder)")
+    segmenter.extra.update(completed_with=combined.meta["completed_with"],
+                           completed_with_sha256=file_sha256(donor_path))
     return segmenter
+
+
+def prompt_parts(donor: Checkpoint, donor_name: str) -> dict:
+    """The prompt encoder and mask decoder tensors of a teacher's full checkpoint, which complete an
+    encoder-only student (here and in the training package's fine-tuning)."""
+    parts = {k: v for k, v in donor.state.items() if not k.startswith("image_encoder.")}
+    if donor.encoder_only or not parts:
+        raise CheckpointError(f"{donor.path}: the {donor_name} checkpoint has no prompt encoder / mask decoder")
+    return parts
 
 
 # --------------------------------------------------------------------------- helpers
 def _read(path: Path, options) -> Checkpoint:
     return read_checkpoint(path, allow_pickle=bool(getattr(options, "allow_pickle", False)))
-
-
-def _placed(model, options):
-    if options is not None and getattr(options, "threads", None):
-        import torch
-
-        torch.set_num_threads(options.threads)
-    device = getattr(options, "device", None) or "cpu"
-    return model.to(device)
-
-
-def _path(options) -> Optional[str]:
-    """The execution path the user chose (``LoadOptions.path``), None if the options have none."""
-    return getattr(options, "path", None) if options is not None else None
-
-
-def _segmenter(name: str, model, checkpoint: Checkpoint, config: PipelineConfig, options) -> TorchSegmenter:
-    check_state(model, checkpoint, model_name=name)
-    model.load_state_dict(checkpoint.state, strict=True)
-    segmenter = TorchSegmenter(name, _placed(model, options), config, weights=str(checkpoint.path),
-                               path=_path(options))
-    segmenter.extra = {"checkpoint_format": checkpoint.format}
-    return segmenter
-
-
-def _sha(path: Path) -> Optional[str]:
-    from .segmenters import _sha256
-
-    return _sha256(str(path))
-

@@ -153,6 +153,9 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.out / "checkpoints"
 
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoint_dir / f"step_{step:06d}.pt"
+
     def latest_checkpoint(self) -> Path | None:
         found = sorted(self.checkpoint_dir.glob("step_*.pt"))
         return found[-1] if found else None
@@ -160,7 +163,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if not self.dist.is_main:
             return None
-        path = self.checkpoint_dir / f"step_{self.step:06d}.pt"
+        path = self.checkpoint_path(self.step)
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -321,7 +324,7 @@ class Trainer:
             self.check_ranks_agree()
         final = self.out / "model.pt"
         if self.dist.is_main:
-            if self.latest_checkpoint() is None or not self.latest_checkpoint().name.endswith(f"{self.step:06d}.pt"):
+            if not self.checkpoint_path(self.step).is_file():
                 self.save_checkpoint()
             self.task.export(self.task.module, final)
             self.log(f"wrote {final} (step {self.step})")

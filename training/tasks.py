@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoints import Checkpoint, read_checkpoint, save_harness_checkpoint
+from models.checkpoints import Checkpoint, check_state, read_checkpoint, save_harness_checkpoint
 from models.medficientsam import INPUT_SIZE, build_efficientvit_encoder
 from models.registry import build_model
+from models.zoo import prompt_parts
 
 from .config import TrainConfig
 from .losses import SAMLoss
@@ -126,14 +127,12 @@ class FinetuneTask:
             if donor_path is None and donor == init.meta.get("decoder_from") and init.meta.get("decoder_weights"):
                 donor_path = Path(str(init.meta["decoder_weights"]))
             donor_file = _weights_for(donor, donor_path)
-            donor_state = read_checkpoint(donor_file).state
-            state.update({k: v for k, v in donor_state.items() if not k.startswith("image_encoder.")})
+            state.update(prompt_parts(read_checkpoint(donor_file), donor))
             source = f"{init.path} + {donor} prompt encoder/decoder ({donor_file})"
         else:
             source = str(init.path)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{cfg.init}: does not fit {cfg.model}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        check_state(self.model, Checkpoint(init.path, init.format, state, init.meta), model_name=cfg.model)
+        self.model.load_state_dict(state, strict=True)
         return source
 
     def loss(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.medficientsam import build_efficientvit_encoder  # noqa: E402
-from training.loop import autocast, cpu_supports_bf16  # noqa: E402
+from models.engine import cpu_bf16_support  # noqa: E402
+from training.loop import autocast  # noqa: E402
 from training.tasks import TEACHER_TRANSFORMS, load_full_model, _weights_for  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = [(torch.device("cpu"), False, args.batch_size, args.steps)]
-    if cpu_supports_bf16():
+    if cpu_bf16_support():
         runs.append((torch.device("cpu"), True, args.batch_size, args.steps))
     if torch.cuda.is_available():
         runs.append((torch.device("cuda"), False, args.gpu_batch_size, args.gpu_steps))

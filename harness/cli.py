@@ -53,6 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         threads=args.threads,
         path=args.path,
+        precision=args.precision,
+        backend=args.backend,
         retry_errors=args.retry_errors,
         progress=not args.no_progress,
     )
@@ -145,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="execution path of the torch segmenters: faithful (the upstream call pattern, default) "
                         "or fast (3D slices encoded once per case in batches and cached, 2D boxes decoded "
                         "in one call; same masks within the reference bars)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="numeric precision of the torch segmenters' image encoder: fp32 (default) or bf16 "
+                        "(needs a CPU with AMX or AVX512-BF16, detected at run time, or a GPU)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                   help="what executes the encoder and decoder: torch (default), or an exported graph "
+                        "run by onnxruntime or openvino (exported once per weights file, cached)")
     p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-published", action="store_true",

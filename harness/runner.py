@@ -54,6 +54,8 @@ class RunConfig:
     threads: int | None = None
     device: str = "cpu"
     path: str = "faithful"
+    precision: str = "fp32"
+    backend: str = "torch"
     retry_errors: bool = False
     progress: bool = True
 
@@ -117,6 +119,8 @@ def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig,
         "threads": threads,
         "device": config.device,
         "path": config.path,
+        "precision": config.precision,
+        "backend": config.backend,
         "warnings": [],
         "segs": None,
         "finished_at": None,
@@ -201,6 +205,8 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
                 all_weights=dict(config.weights),
                 allow_pickle=config.allow_pickle,
                 path=config.path,
+                precision=config.precision,
+                backend=config.backend,
             )
             try:
                 segmenter = spec.load(options)

@@ -47,7 +47,11 @@ class LoadOptions:
     ``--allow-pickle`` for whole-module pickles; ``device`` a torch device string; ``threads`` the
     CPU thread count the run pins; ``path`` the execution path (``--path``): ``"faithful"`` (the
     upstream call pattern) or ``"fast"`` (batched and cached model calls, same masks within the
-    reference bars), for segmenters that have both (the engine-based ones).
+    reference bars), for segmenters that have both (the engine-based ones); ``precision`` the
+    numeric precision (``--precision``): ``"fp32"`` or ``"bf16"`` (CPUs with AMX / AVX512-BF16, or
+    a GPU); ``backend`` the executor of the model's encoder and decoder (``--backend``):
+    ``"torch"``, ``"onnxruntime"`` or ``"openvino"``.  Segmenters without these choices ignore
+    them (a baseline) or raise ValueError for a value they cannot honour.
     """
 
     weights: Path | None = None
@@ -57,6 +61,8 @@ class LoadOptions:
     all_weights: Mapping[str, Path] = field(default_factory=dict)
     allow_pickle: bool = False
     path: str = "faithful"
+    precision: str = "fp32"
+    backend: str = "torch"
 
 
 @runtime_checkable

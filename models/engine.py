@@ -24,6 +24,8 @@ __all__ = [
     "PipelineConfig",
     "BoxPromptEngine",
     "EngineStats",
+    "PRECISIONS",
+    "cpu_bf16_support",
     "SliceCache",
     "EXECUTION_PATHS",
     "LITEMEDSAM_CVPR24",
@@ -238,6 +240,19 @@ def z_plan(z_min, z_max, depth: int, config: PipelineConfig) -> Tuple[int, List[
     return int(z_mid), upward, downward
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_bf16_support() -> bool:
+    """True when this CPU does bf16 arithmetic natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo's
+    flags); read at run time, never assumed.  Without it torch emulates bf16, slower than fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 @dataclass
 class EngineStats:
     """Counters of one engine since it was built (or since :meth:`BoxPromptEngine.reset_stats`).
@@ -339,9 +354,15 @@ class BoxPromptEngine:
 
     ``config.fast`` selects the fast execution path (see :class:`PipelineConfig`); the counters of
     :class:`EngineStats` (``engine.stats``) show what it saved.
+
+    ``precision="bf16"`` runs the image encoder under bfloat16 autocast (matmuls and convolutions in
+    bf16, accumulation and norms as torch's autocast policy keeps them) and hands the decoder the
+    embedding in float32; the prompt encoder, mask decoder and postprocessing stay float32.  It is
+    refused (ValueError) on a CPU without bf16 arithmetic (:func:`cpu_bf16_support`).
     """
 
-    def __init__(self, model: torch.nn.Module, config: PipelineConfig = LITEMEDSAM_CVPR24, device=None):
+    def __init__(self, model: torch.nn.Module, config: PipelineConfig = LITEMEDSAM_CVPR24, device=None,
+                 precision: str = "fp32"):
         self.model = model
         self.config = config
         if device is None:
@@ -350,6 +371,12 @@ class BoxPromptEngine:
             except StopIteration:
                 device = torch.device("cpu")
         self.device = torch.device(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_bf16_support():
+            raise ValueError("precision bf16 needs a CPU with AMX-BF16 or AVX512-BF16 (not found in "
+                             "/proc/cpuinfo flags); use --precision fp32")
+        self.precision = precision
         self._volume: Optional[np.ndarray] = None
         self.stats = EngineStats()
         self._slice_cache = SliceCache(0, self.stats)
@@ -447,6 +474,10 @@ class BoxPromptEngine:
         self.stats.encoder_calls += 1
         self.stats.images_encoded += int(tensor.shape[0])
         self.stats.encoder_batches.append(int(tensor.shape[0]))
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                embedding = self.model.image_encoder(tensor.to(self.device))
+            return embedding.float()
         return self.model.image_encoder(tensor.to(self.device))
 
     def decode(self, embedding: torch.Tensor, prompt_boxes: np.ndarray) -> torch.Tensor:

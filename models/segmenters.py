@@ -18,9 +18,13 @@ class TorchSegmenter:
     """A registered torch model run through the shared :class:`~models.engine.BoxPromptEngine`."""
 
     def __init__(self, model_name: str, model: torch.nn.Module, config: PipelineConfig, weights: str,
-                 path: str | None = None):
+                 path: str | None = None, precision: str = "fp32", backend: str = "torch"):
         """``path`` (``"faithful"`` / ``"fast"``, see :meth:`PipelineConfig.for_path`) overrides the
-        execution path of ``config``; None keeps it."""
+        execution path of ``config``; None keeps it.  ``precision`` (``"fp32"`` / ``"bf16"``) is the
+        image encoder's arithmetic (see :class:`~models.engine.BoxPromptEngine`); ``backend``
+        (``"torch"`` / ``"onnxruntime"`` / ``"openvino"``) what executes the encoder and decoder:
+        another backend runs graphs exported from ``model`` (:mod:`models.backends`), cached by the
+        weights file's hash."""
         if path is not None:
             config = config.for_path(path)
         info = getattr(model, "info", None)
@@ -32,7 +36,16 @@ class TorchSegmenter:
         self.config = config
         self.weights = weights
         self.extra: dict[str, Any] = {}  # loader facts for describe(): checkpoint format, completed_with, ...
-        self.engine = BoxPromptEngine(self.model, config)
+        self.precision = precision
+        self.backend = backend
+        executor = self.model
+        if backend != "torch":
+            from models.backends import compile_backend
+
+            executor = compile_backend(backend, self.model, config.input_size, precision=precision,
+                                       cache_key=f"{model_name}-{file_sha256(weights) or weights}")
+        self.engine = BoxPromptEngine(executor, config, precision=precision if backend == "torch" else "fp32",
+                                      device=None if backend == "torch" else "cpu")
 
     @classmethod
     def from_checkpoint(cls, model_name: str, path: str | Path, config: PipelineConfig, options=None) -> "TorchSegmenter":
@@ -53,7 +66,9 @@ class TorchSegmenter:
             torch.set_num_threads(options.threads)
         device = getattr(options, "device", None) or "cpu"
         segmenter = cls(name, model.to(device), config, weights=str(checkpoint.path),
-                        path=getattr(options, "path", None))
+                        path=getattr(options, "path", None),
+                        precision=getattr(options, "precision", "fp32"),
+                        backend=getattr(options, "backend", "torch"))
         segmenter.extra = {"checkpoint_format": checkpoint.format}
         return segmenter
 
@@ -70,6 +85,8 @@ class TorchSegmenter:
             "weights_sha256": file_sha256(self.weights),
             "pipeline": self.config.name,
             "path": self.config.path,
+            "precision": self.precision,
+            "backend": self.backend,
             **self.extra,
         }
 

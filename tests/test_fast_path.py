@@ -246,48 +246,66 @@ def test_litemedsam_plugin_loads_the_chosen_path():
     assert seg.engine.config == LITEMEDSAM_CVPR24.fast_variant()
 
 
-def test_runner_passes_the_path_and_leaderboard_tags_it(tmp_path):
-    from harness import SegmenterSpec, hookimpl
+def test_runner_passes_the_choices_and_stores_each_variant_as_its_own_tagged_entry(tmp_path):
+    from harness import Reported, SegmenterSpec, hookimpl
     from harness.cli import build_parser
     from harness.pluginmanager import HarnessPlugins
     from harness.runner import RunConfig, run
+    from harness.specs import ENGINE_CHOICES
     from helpers import DEMO
     from leaderboard import render_markdown
 
     seen = []
 
     class Fill:
-        def __init__(self, path):
-            self.path = path
+        def __init__(self, options):
+            self.options = options
 
         def segment(self, case):
             return np.zeros(case.spatial_shape, np.uint16)
 
         def describe(self):
-            return {"params": 0, "flops": 0, "weights": None, "path": self.path}
+            return {"params": 0, "flops": 0, "weights": None, "path": self.options.path,
+                    "precision": self.options.precision}
 
     class Plugin:
         @hookimpl
         def harness_segmenters(self):
             def load(options):
-                seen.append(options.path)
-                return Fill(options.path)
+                seen.append((options.path, options.precision, options.backend))
+                return Fill(options)
 
-            return [SegmenterSpec(name="pathy", title="Pathy", family="test", load=load)]
+            published = Reported(source="a paper", dsc=50.0, nsd=40.0)
+            return [SegmenterSpec(name="pathy", title="Pathy", family="test", load=load, choices=ENGINE_CHOICES,
+                                  reported=published),
+                    SegmenterSpec(name="plain", title="Plain", family="test", load=load)]
 
     plugins = HarnessPlugins(load_entry_points=False)
     plugins.register(Plugin(), "pathy")
     out = tmp_path / "out"
-    run(RunConfig(models=["pathy"], data_dir=DEMO, out_dir=out, limit=2, path="fast", progress=False), plugins)
-    assert seen == ["fast"]
+    for path, precision in (("faithful", "fp32"), ("fast", "fp32"), ("fast", "bf16")):
+        run(RunConfig(models=["pathy", "plain"], data_dir=DEMO, out_dir=out, limit=2, path=path,
+                      precision=precision, progress=False), plugins)
+    # every variant of pathy ran; plain honours no choices, so its finished cases were not run again
+    assert seen == [("faithful", "fp32", "torch"), ("faithful", "fp32", "torch"), ("fast", "fp32", "torch"),
+                    ("fast", "bf16", "torch")]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["path"] for r in records} == {"fast"}
-    assert json.loads((out / "models.json").read_text())["pathy"]["path"] == "fast"
+    by_entry = {}
+    for r in records:
+        by_entry.setdefault(r["model"], set()).add((r["segmenter"], r["path"], r["precision"]))
+    assert by_entry == {"pathy": {("pathy", "faithful", "fp32")}, "plain": {("plain", "faithful", "fp32")},
+                        "pathy[fast]": {("pathy", "fast", "fp32")}, "pathy[fast,bf16]": {("pathy", "fast", "bf16")}}
+    models = json.loads((out / "models.json").read_text())
+    assert models["pathy[fast,bf16]"]["tags"] == ["fast", "bf16"] and models["pathy"]["tags"] == []
+    assert (out / "segs" / "pathy[fast]").is_dir()
     board = render_markdown(out)
-    assert "| Pathy [fast]" in board and "[fast] ran on the fast execution path" in board
+    assert "| Pathy [fast]" in board and "| Pathy [fast, bf16]" in board and "\n| Pathy " in board
+    assert "[fast] the fast execution path" in board
+    assert board.count("Pathy *(published)*") == 1  # under one row of the segmenter, not under each variant
 
     assert build_parser().parse_args(["run", "--models", "x"]).path == "faithful"
-    assert build_parser().parse_args(["run", "--models", "x", "--path", "fast"]).path == "fast"
+    args = build_parser().parse_args(["run", "--models", "x", "--path", "fast", "--precision", "bf16"])
+    assert (args.path, args.precision, args.backend) == ("fast", "bf16", "torch")
 
 
 # ============================================================================ real models

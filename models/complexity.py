@@ -84,3 +84,13 @@ def count_macs(model: nn.Module, input_size: int) -> int:
 def fvcore_style_macs(model: nn.Module, input_size: int) -> int:
     """Our MACs plus fvcore's training-mode normalisation charge: comparable to published figures."""
     return measure_compute(model, input_size).fvcore_style_macs
+
+
+def encoder_flops(model: nn.Module, input_size: int) -> int:
+    """torch FLOPs (multiply-add = 2) of the image encoder alone for one image at ``input_size``:
+    the numerator of the encoder's achieved GFLOP/s."""
+    device = next(model.parameters()).device
+    image = torch.zeros(1, 3, input_size, input_size, device=device)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.image_encoder(image)
+    return int(counter.get_total_flops())

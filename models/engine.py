@@ -11,6 +11,7 @@ field, and the named presets below pin the combination each upstream script uses
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
@@ -85,6 +86,11 @@ class PipelineConfig:
                     last float bits (different matmul blocking); the masks are the same within
                     the reference bars (tests/test_fast_path.py).
     encoder_batch   most slices per encoder call on the fast path.
+    fold_batchnorm  on the fast path, fold each BatchNorm that follows a conv into the conv
+                    (:func:`models.optimize.fold_batchnorm`, done by the segmenter that owns the
+                    model, after loading its weights).
+    channels_last   on the fast path, keep the model's 4D weights channels-last
+                    (:func:`models.optimize.to_channels_last`).
     cache_mb        byte budget of the slice-embedding cache (MiB), for the fast path and for
                     ``cache_slice_embeddings`` (which keeps every slice until the case ends,
                     evicting the least recently used entry when full).
@@ -106,6 +112,8 @@ class PipelineConfig:
     fast: bool = False
     encoder_batch: int = 4
     cache_mb: float = 1024.0
+    fold_batchnorm: bool = True
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         choices = {
@@ -265,6 +273,7 @@ class EngineStats:
                       slice-embedding cache lookups that found / missed an entry, and entries
                       dropped for the byte budget;
     peak_cache_bytes  the most bytes the slice cache held at any time;
+    encoder_seconds   wall time spent inside image-encoder calls (for the encoder's GFLOP/s);
     """
 
     encoder_calls: int = 0
@@ -275,6 +284,7 @@ class EngineStats:
     cache_misses: int = 0
     cache_evictions: int = 0
     peak_cache_bytes: int = 0
+    encoder_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
@@ -474,11 +484,14 @@ class BoxPromptEngine:
         self.stats.encoder_calls += 1
         self.stats.images_encoded += int(tensor.shape[0])
         self.stats.encoder_batches.append(int(tensor.shape[0]))
+        start = time.perf_counter()
         if self.precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                embedding = self.model.image_encoder(tensor.to(self.device))
-            return embedding.float()
-        return self.model.image_encoder(tensor.to(self.device))
+                embedding = self.model.image_encoder(tensor.to(self.device)).float()
+        else:
+            embedding = self.model.image_encoder(tensor.to(self.device))
+        self.stats.encoder_seconds += time.perf_counter() - start
+        return embedding
 
     def decode(self, embedding: torch.Tensor, prompt_boxes: np.ndarray) -> torch.Tensor:
         """Low-res logits (B, 1, 256, 256) for B boxes already in the prompt frame."""

@@ -11,6 +11,7 @@ import torch
 from models.checkpoints import Checkpoint, check_state, read_checkpoint
 from models.complexity import count_parameters, measure_compute
 from models.engine import BoxPromptEngine, PipelineConfig
+from models.optimize import fold_batchnorm, to_channels_last
 from models.registry import build_model
 
 
@@ -38,6 +39,14 @@ class TorchSegmenter:
         self.extra: dict[str, Any] = {}  # loader facts for describe(): checkpoint format, completed_with, ...
         self.precision = precision
         self.backend = backend
+        self._facts: tuple | None = None  # (params, Compute) of the model as loaded, for describe()
+        has_batchnorm = any(isinstance(m, torch.nn.BatchNorm2d) for m in self.model.modules())
+        if config.fast and backend == "torch" and ((config.fold_batchnorm and has_batchnorm) or config.channels_last):
+            self._facts = (count_parameters(self.model), measure_compute(self.model, config.input_size))
+            if config.fold_batchnorm:
+                fold_batchnorm(self.model)
+            if config.channels_last:
+                to_channels_last(self.model)
         executor = self.model
         if backend != "torch":
             from models.backends import compile_backend
@@ -76,9 +85,10 @@ class TorchSegmenter:
         return self.engine.segment(case.imgs, case.boxes)
 
     def describe(self) -> dict[str, Any]:
-        compute = measure_compute(self.model, self.config.input_size)
+        """Facts of the model as loaded (counted before any fast-path rewrite such as BatchNorm folding)."""
+        params, compute = self._facts or (count_parameters(self.model), measure_compute(self.model, self.config.input_size))
         return {
-            "params": count_parameters(self.model),
+            "params": params,
             "flops": compute.macs,
             "flops_fvcore_style": compute.fvcore_style_macs,
             "weights": self.weights,

@@ -362,3 +362,45 @@ def test_real_models_fast_same_masks_as_faithful(name, two_threads, capsys):
                      f"seconds {f_s:.2f} -> {s:.2f} (faithful -> fast)")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+# ============================================================================ model rewrites
+@pytest.mark.parametrize("model_name,model_key,size", [("litemedsam", "lite_medsam", 256),
+                                                        ("l0", "medficientsam_l0", 512)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_batchnorm_and_channels_last_keep_the_parity_vectors(model_name, model_key, size, channels_last,
+                                                                    two_threads):
+    """The fast path's rewrites (BatchNorm folded into convs, channels-last weights) still give the
+    upstream embedding and masks of case_seed0 within the parity bars."""
+    from models import build_model
+    from models.optimize import fold_batchnorm, to_channels_last
+    from reference import REL_TOL, load_npz, make_case_inputs, make_state_dict, rel_dev
+
+    ref = load_npz(model_key, "case_seed0.npz")
+    meta = json.loads(str(ref["meta_json"]))
+    image_u8, boxes = make_case_inputs(meta["input_seed"] if "input_seed" in meta else meta["weights_seed"], size)
+    np.testing.assert_array_equal(image_u8, ref["image_u8"])
+    model = build_model(model_name).train()
+    model.load_state_dict(make_state_dict(model_key, meta["weights_seed"]), strict=True)
+    model.eval()
+    norms_before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    folded = fold_batchnorm(model)
+    assert folded == norms_before > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    image = torch.from_numpy(image_u8.astype(np.float32) / np.float32(255))
+    if channels_last:
+        to_channels_last(model)
+        image = image.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        embedding = model.image_encoder(image)
+        low = torch.cat([model.decode_boxes(embedding, box[None])[0] for box in torch.from_numpy(boxes)])
+    assert rel_dev(embedding, ref["image_embedding"]) <= REL_TOL
+    assert rel_dev(low, ref["low_res_masks"]) <= REL_TOL
+
+
+def test_fold_batchnorm_refuses_a_training_model():
+    from models import build_model
+    from models.optimize import fold_batchnorm
+
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(build_model("l0").train())

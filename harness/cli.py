@@ -19,6 +19,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _weights_arg(values: list[str]) -> dict[str, Path]:
     weights: dict[str, Path] = {}
     for item in values:
@@ -30,12 +37,13 @@ def _weights_arg(values: list[str]) -> dict[str, Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from harness.external import RunnerError
     from harness.runner import RunConfig, run
     from leaderboard import write_leaderboard
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models:
-        raise SystemExit("harness run: --models needs at least one name")
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    if not models and not args.image:
+        raise SystemExit("harness run: --models needs at least one name (or --image for a docker image)")
     weights = _weights_arg(args.weights)
     for name, path in weights.items():
         if not path.is_file():
@@ -55,10 +63,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         path=args.path,
         precision=args.precision,
         backend=args.backend,
+        runner=args.runner or ("docker" if args.image else "native"),
+        image=args.image,
+        timeout=args.timeout,
+        memory=args.memory or "8G",
         retry_errors=args.retry_errors,
         progress=not args.no_progress,
     )
-    report = run(config)
+    if args.memory and config.runner != "docker":
+        raise SystemExit(f"harness run: --memory limits the docker runner's containers, not --runner {config.runner}")
+    try:
+        report = run(config)
+    except RunnerError as exc:
+        print(f"harness run: {exc}", file=sys.stderr)
+        return 2
     board = write_leaderboard(config.out_dir, reported=not args.no_published)
     print(board.read_text())
     print(
@@ -68,6 +86,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, message in report.failed_models.items():
         print(f"{name}: not run: {message}", file=sys.stderr)
     return 0 if not report.failed_models else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from harness.pluginmanager import HarnessPlugins
+    from harness.predict import predict, split_weights
+
+    plugins = HarnessPlugins()
+    plugins.get(args.model)  # an unknown name fails here, with the known ones listed
+    weights = split_weights(args.weights, args.model, set(plugins.segmenters()))
+    weights_dir = Path(args.weights_dir).expanduser() if args.weights_dir else None
+    try:
+        report = predict(args.model, args.inputs, args.outputs, weights=weights, weights_dir=weights_dir,
+                         allow_pickle=args.allow_pickle, threads=args.threads, device=args.device,
+                         path=args.path, precision=args.precision, backend=args.backend, plugins=plugins)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model did not load: say so in one line
+        print(f"harness predict: {args.model} cannot load: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    if not report.written and not report.failed:
+        print(f"harness predict: no *.npz cases in {args.inputs}", file=sys.stderr)
+    if report.failed:
+        print(f"harness predict: {len(report.failed)} of {len(report.written) + len(report.failed)} cases "
+              f"failed: {', '.join(report.failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness.benchmark import BenchConfig, Variant, default_variants, render_markdown, run_bench
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise SystemExit("harness bench: --models needs at least one name")
+    try:
+        variants = ([Variant.parse(v) for v in args.variants.split(",") if v.strip()]
+                    if args.variants else default_variants())
+    except ValueError as exc:
+        raise SystemExit(f"harness bench: --variants: {exc}") from None
+    if "faithful" not in [v.name for v in variants]:
+        variants.insert(0, Variant())  # the reference every ratio and mask comparison needs
+    config = BenchConfig(models=models, data_dir=Path(args.data), out_dir=Path(args.out), variants=variants,
+                         repeat=args.repeat, limit=args.limit, multibox=args.multibox, threads=args.threads,
+                         weights=_weights_arg(args.weights),
+                         weights_dir=Path(args.weights_dir).expanduser() if args.weights_dir else None)
+    result = run_bench(config)
+    print(render_markdown(result))
+    print(f"bench tables in {config.out_dir / 'bench.md'}, raw figures in {config.out_dir / 'bench.json'}")
+    return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -112,6 +179,105 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0 if not plugins.failed else 1
 
 
+# --------------------------------------------------------------------------- docker images
+# `harness build` and `harness export` (harness.container.images): challenge-style images of the segmenters.
+def _image_weights(args: argparse.Namespace, command: str) -> dict[str, Path]:
+    weights = _weights_arg(args.weights)
+    for name, path in weights.items():
+        if not path.is_file():
+            raise SystemExit(f"harness {command}: --weights {name}={path}: no such file")
+    return weights
+
+
+def _image_parts(model: str, weights: dict[str, Path]) -> dict[str, Path]:
+    """Weights of the segmenters a model is built from (a distilled student's decoder donor)."""
+    from models.zoo import DONORS
+
+    if not model.endswith("-distilled"):
+        return {}
+    return {name: path for name, path in weights.items() if name in DONORS and name != model}
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from harness.container.engine import EngineUnavailable, connect
+    from harness.container.images import ImageBuildError, build_image
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise SystemExit("harness build: --models needs at least one name")
+    if args.tag and len(models) > 1:
+        raise SystemExit("harness build: --tag names one image; give it with a single model")
+    weights = _image_weights(args, "build")
+    try:
+        client = connect()
+    except EngineUnavailable as exc:
+        print(f"harness build: {exc}", file=sys.stderr)
+        return 2
+    failed = 0
+    for model in models:
+        try:
+            info = build_image(model, tag=args.tag, weights=weights.get(model), client=client, log=_stderr,
+                               extra_weights=_image_parts(model, weights))
+        except (ImageBuildError, ValueError, FileNotFoundError, UnknownSegmenterError) as exc:
+            print(f"harness build: {model}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{info.tag}  {info.size_bytes / 1e6:.0f} MB  {info.id.split(':')[-1][:12]}")
+    return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from harness.container.engine import EngineUnavailable, connect
+    from harness.container.images import ImageBuildError, build_image, export_image, team_from_archive
+
+    out = Path(args.output).expanduser()
+    team = (args.team or team_from_archive(out)).lower()
+    weights = _image_weights(args, "export")
+    try:
+        client = connect()
+    except EngineUnavailable as exc:
+        print(f"harness export: {exc}", file=sys.stderr)
+        return 2
+    try:
+        info = build_image(args.model, tag=args.tag, weights=weights.get(args.model), client=client, log=_stderr,
+                           extra_weights=_image_parts(args.model, weights))
+        export_image(client, info.tag, out, team, log=_stderr)
+    except (ImageBuildError, ValueError) as exc:
+        print(f"harness export: {exc}", file=sys.stderr)
+        return 1
+    print(f"{out}  {team}:latest  ({info.tag}, {out.stat().st_size / 1e6:.0f} MB)")
+    return 0
+
+
+def _add_image_parsers(sub) -> None:
+    weights_help = ("weights file per model, e.g. --weights l0=l0.ckpt (default: what `harness run` uses: the "
+                    "bundled weights or $HARNESS_WEIGHTS_DIR); baked into the image under /opt/weights")
+    p = sub.add_parser("build", help="build challenge-style Docker images of segmenters (one per model)",
+                       description="Build one image per model: Debian bookworm, CPU torch, the harness in "
+                                   "/opt/venv, the weights in /opt/weights, /workspace/predict.sh running "
+                                   "`harness predict`, a non-root user. Needs a Docker engine "
+                                   "(scripts/dockerd-local.sh start) and mmdebstrap for the first base image.")
+    p.add_argument("--models", required=True, help="comma-separated segmenter names (see `harness plugins`)")
+    p.add_argument("--tag", help="image tag (one model only; default medsam-harness/<model>:<version>)")
+    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH", help=weights_help)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("export", help="save a model's image as <team>:latest in a team.tar.gz for the challenge",
+                       description="Build the model's image (reused when up to date), tag it <team>:latest and "
+                                   "write `docker save | gzip` of it to the output file.")
+    p.add_argument("--model", required=True, help="segmenter name")
+    p.add_argument("-o", "--output", required=True, metavar="TEAM.tar.gz",
+                   help="archive to write; the challenge reads the team name from it (before the first '.')")
+    p.add_argument("--team", help="team name, lowercased (default: the output file name before the first '.')")
+    p.add_argument("--tag", help="tag of the model image (default medsam-harness/<model>:<version>)")
+    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH", help=weights_help)
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harness",
@@ -124,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run models over a data folder; results go to OUT/results.jsonl as each case "
                                    "finishes, segs to OUT/segs/<model>/, the leaderboard to OUT/leaderboard.md. "
                                    "Running the same command again skips finished (model, case) pairs.")
-    p.add_argument("--models", required=True, help="comma-separated segmenter names (see `harness plugins`)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated segmenter names (see `harness plugins`); required unless --image")
     p.add_argument("--data", default=str(DEMO_DIR),
                    help="folder with imgs/*.npz and optionally gts/*.npz (default: the bundled demo set)")
     p.add_argument("--out", default="results", help="output folder (default: ./results)")
@@ -153,11 +320,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
                    help="what executes the encoder and decoder: torch (default), or an exported graph "
                         "run by onnxruntime or openvino (exported once per weights file, cached)")
+    p.add_argument("--runner", choices=("native", "subprocess", "docker"), default=None,
+                   help="native: in this process, a case's time is its segmentation (default); subprocess: one "
+                        "`harness predict` process per case, docker: one container per case (`sh predict.sh`, "
+                        "as the challenge times it), both timed end to end (start, model load, I/O included) "
+                        "and stored as separate entries, e.g. litemedsam[docker]")
+    p.add_argument("--image", default=None, metavar="TAG_OR_TARBALL",
+                   help="docker runner: evaluate this image (a tag, or a submission team.tar.gz, loaded first) "
+                        "instead of building the harness's own image of --models; implies --runner docker")
+    p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="subprocess and docker runners: kill a case after this many seconds (an error; default: "
+                        "no limit)")
+    p.add_argument("--memory", default=None,
+                   help="docker runner: the container's memory limit (default 8G, the challenge's); a case killed "
+                        "at the limit is an error")
     p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-published", action="store_true",
                    help="leave the published reference rows out of the leaderboard")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("predict", help="segment every *.npz of a folder with one model (a container's predict.sh)",
+                       description="Load one segmenter, segment every case of INPUTS (challenge npz files) and write "
+                                   "OUTPUTS/<same name> with key 'segs'. A failed case is reported with its file and "
+                                   "the others still run; the exit status is 1 if any failed, 2 if the model did not "
+                                   "load.")
+    p.add_argument("--model", required=True, help="segmenter name (see `harness plugins`)")
+    p.add_argument("-i", "--inputs", required=True, help="folder of <case>.npz files (or with imgs/*.npz)")
+    p.add_argument("-o", "--outputs", required=True, help="folder to write <case>.npz segmentations into")
+    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="PATH|NAME=PATH",
+                   help="the model's weights file; NAME=PATH supplies a part from another segmenter (as in run)")
+    p.add_argument("--weights-dir", default=None, metavar="DIR", help="folder to look up weights in (as in run)")
+    p.add_argument("--allow-pickle", action="store_true", help="also load whole-module pickles (as in run)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--path", choices=("faithful", "fast"), default="faithful", help="execution path (as in run)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder precision (as in run)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                   help="model executor (as in run)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="time execution variants (faithful, fast, bf16, backends) side by side",
+                       description="For each model, run each variant over the cases in one process, interleaved, "
+                                   "and print median seconds per case, speed-ups over the faithful path, peak RSS, the "
+                                   "encoder's GFLOP/s against this machine's measured matmul peak, and how far each "
+                                   "variant's masks are from the faithful ones. Writes OUT/bench.md and OUT/bench.json.")
+    p.add_argument("--models", required=True, help="comma-separated segmenter names")
+    p.add_argument("--data", default=str(DEMO_DIR), help="folder with imgs/*.npz (default: the bundled demo set)")
+    p.add_argument("--out", default="bench-results", help="output folder (default: ./bench-results)")
+    p.add_argument("--variants", default=None, metavar="V1,V2,...",
+                   help="variants as path[+precision][+backend][+bN], e.g. faithful,fast,fast+b1,fast+bf16,"
+                        "fast+openvino (default: faithful, fast, fast+b1, and fast+bf16 / fast+onnxruntime / "
+                        "fast+openvino where this machine has them); bN sets the fast path's encoder batch")
+    p.add_argument("--repeat", type=_positive_int, default=3, help="interleaved rounds per case (default 3)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="at most N cases of --data")
+    p.add_argument("--multibox", type=int, default=6,
+                   help="boxes of the synthetic multi-box 3D case built on the largest CT volume (0: none; default 6)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
+    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH",
+                   help="weights file per model, as for `harness run`")
+    p.add_argument("--weights-dir", default=None, metavar="DIR", help="folder to look up weights in, as for `harness run`")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("score", help="challenge DSC/NSD of a segs folder against a gts folder",
                        description="Drop-in for the challenge's compute_metrics.py: one CSV row per gts file with "
@@ -178,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list the loaded plugins, their versions and segmenters")
     p.set_defaults(func=cmd_plugins)
+
+    _add_image_parsers(sub)  # harness build / harness export (docker images)
 
     from training.cli import add_parsers as add_train_parsers  # argparse only: torch loads when training starts
 

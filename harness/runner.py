@@ -4,6 +4,11 @@ Timing mode ``in-process``: each model is loaded once; a case's ``seconds`` is t
 segmentation alone (``Segmenter.segment``: preprocessing, encoder, decoder, postprocessing), not
 reading the npz, writing segs or scoring. ``peak_rss_mb`` is the process's peak RSS during that
 segmentation (see :mod:`harness.profiling`).
+
+The same loop also drives the ``subprocess`` and ``docker`` runners (``RunConfig.runner``), which
+run each case in a fresh process or container and time it end to end (:mod:`harness.external`);
+all three end a case in :func:`save_and_score`, and each is stored as its own entry
+(``litemedsam[docker]``).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -42,7 +48,14 @@ def default_threads() -> int:
 
 @dataclass
 class RunConfig:
-    """What ``harness run`` was asked to do."""
+    """What ``harness run`` was asked to do.
+
+    ``runner``: "native" (in this process, timing mode in-process), "subprocess" (one
+    ``harness predict`` process per case) or "docker" (one container per case, as the challenge
+    times it); the last two are timed end to end (:mod:`harness.external`). ``image``: a docker
+    image tag or a ``team.tar.gz`` submission (docker runner only). ``timeout``: seconds per case
+    for subprocess and docker (None: no limit). ``memory``: the container's memory limit.
+    """
 
     models: list[str]
     data_dir: Path
@@ -57,6 +70,9 @@ class RunConfig:
     precision: str = "fp32"
     backend: str = "torch"
     runner: str = RUNNER
+    image: str | None = None
+    timeout: float | None = None
+    memory: str = "8G"
     retry_errors: bool = False
     progress: bool = True
 
@@ -117,11 +133,12 @@ def _error_text(exc: BaseException, path: Path | None = None) -> str:
     return f"{path}: {text}" if path is not None else text
 
 
-def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig, threads: int) -> dict:
-    """Segment, save and score one case; never raises for a problem of the case or the model."""
-    record: dict = {
-        "model": entry_name(spec, config),
-        "segmenter": spec.name,
+def new_record(entry: str, segmenter: str, case_path: Path, config: RunConfig, threads: int | None,
+               timing_mode: str = TIMING_MODE) -> dict:
+    """The record of one (entry, case) before it runs: every field present, nothing measured yet."""
+    return {
+        "model": entry,
+        "segmenter": segmenter,
         "case": case_path.name,
         "modality": None,
         "dim": None,
@@ -135,7 +152,7 @@ def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig,
         "seconds": None,
         "peak_rss_mb": None,
         "memory_method": None,
-        "timing_mode": TIMING_MODE,
+        "timing_mode": timing_mode,
         "runner": config.runner,
         "threads": threads,
         "device": config.device,
@@ -147,39 +164,82 @@ def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig,
         "finished_at": None,
         "harness_version": __version__,
     }
-    stage = "loading the case"
-    try:
-        case = load_case(case_path)
-        record.update(modality=case.modality, dim=f"{case.dim}D", n_boxes=case.n_boxes, warnings=list(case.warnings))
-        stage = "segmenting"
-        with PeakRSS() as mem:
-            start = time.perf_counter()
-            segs = segmenter.segment(case)
-            record["seconds"] = time.perf_counter() - start
-        record.update(peak_rss_mb=mem.mb, memory_method=mem.method)
-        segs = _check_segs(segs, case)
-        stage = "writing segs"
-        seg_path = config.out_dir / "segs" / record["model"] / case.name
-        save_segs(seg_path, segs)
-        record["segs"] = str(seg_path.relative_to(config.out_dir))
-        gts_path = _gts_path(config.data_dir, case_path)
-        if gts_path is not None:
-            stage = "scoring"
-            gt = load_ground_truth(gts_path, case)
-            metrics = case_metrics(gt.gts, segs, spacing=gt.spacing)
-            record.update(
-                dsc=metrics.dsc,
-                nsd=metrics.nsd,
-                dsc_per_label=list(metrics.dsc_per_label),
-                nsd_per_label=list(metrics.nsd_per_label),
-            )
-    except Exception as exc:  # noqa: BLE001 - one bad case never stops the run
-        record["status"] = "error"
-        record["error"] = f"while {stage}: {_error_text(exc, case_path)}"
-        if os.environ.get("HARNESS_DEBUG"):
-            traceback.print_exc()
+
+
+class Stage:
+    """What a case is doing now, for the error message (``while <stage>: ...``)."""
+
+    def __init__(self, name: str = "loading the case"):
+        self.name = name
+
+
+def describe_case(record: dict, case: Case) -> None:
+    record.update(modality=case.modality, dim=f"{case.dim}D", n_boxes=case.n_boxes, warnings=list(case.warnings))
+
+
+def timed_segment(segmenter, case: Case) -> tuple[object, float, PeakRSS]:
+    """The timed segmentation of one case, shared by ``harness run`` and ``harness predict``:
+    ``(segs, seconds, peak)``, segs as the segmenter returned them (check them with :func:`check_segs`)."""
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        segs = segmenter.segment(case)
+        seconds = time.perf_counter() - start
+    return segs, seconds, mem
+
+
+def check_segs(segs: object, case: Case) -> np.ndarray:
+    """``segs`` if it is an integer array of the case's spatial shape, else ValueError/TypeError."""
+    return _check_segs(segs, case)
+
+
+def save_and_score(record: dict, case: Case, segs: np.ndarray, case_path: Path, config: RunConfig,
+                   stage: Stage) -> None:
+    """Write ``OUT/segs/<entry>/<case>.npz`` and score it against ``gts/<case>.npz`` where there is
+    one; every runner (native, subprocess, docker) ends a case here."""
+    stage.name = "writing segs"
+    seg_path = config.out_dir / "segs" / record["model"] / case.name
+    save_segs(seg_path, segs)
+    record["segs"] = str(seg_path.relative_to(config.out_dir))
+    gts_path = _gts_path(config.data_dir, case_path)
+    if gts_path is not None:
+        stage.name = "scoring"
+        gt = load_ground_truth(gts_path, case)
+        metrics = case_metrics(gt.gts, segs, spacing=gt.spacing)
+        record.update(
+            dsc=metrics.dsc,
+            nsd=metrics.nsd,
+            dsc_per_label=list(metrics.dsc_per_label),
+            nsd_per_label=list(metrics.nsd_per_label),
+        )
+
+
+def record_error(record: dict, stage: Stage, exc: BaseException, case_path: Path) -> None:
+    record["status"] = "error"
+    record["error"] = f"while {stage.name}: {_error_text(exc, case_path)}"
+    if os.environ.get("HARNESS_DEBUG"):
+        traceback.print_exc()
+
+
+def finish_record(record: dict) -> dict:
     record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return record
+
+
+def run_case(segmenter, spec: SegmenterSpec, case_path: Path, config: RunConfig, threads: int) -> dict:
+    """Segment, save and score one case; never raises for a problem of the case or the model."""
+    record = new_record(entry_name(spec, config), spec.name, case_path, config, threads)
+    stage = Stage()
+    try:
+        case = load_case(case_path)
+        describe_case(record, case)
+        stage.name = "segmenting"
+        segs, seconds, mem = timed_segment(segmenter, case)
+        record.update(seconds=seconds, peak_rss_mb=mem.mb, memory_method=mem.method)
+        segs = check_segs(segs, case)
+        save_and_score(record, case, segs, case_path, config, stage)
+    except Exception as exc:  # noqa: BLE001 - one bad case never stops the run
+        record_error(record, stage, exc, case_path)
+    return finish_record(record)
 
 
 def _model_info(spec: SegmenterSpec, described: dict, plugins: HarnessPlugins, tags: list[str]) -> dict:
@@ -199,9 +259,50 @@ def _model_info(spec: SegmenterSpec, described: dict, plugins: HarnessPlugins, t
     }
 
 
+def load_options(spec: SegmenterSpec, config: RunConfig, threads: int) -> LoadOptions:
+    """What a run hands ``spec.load``; ``harness predict`` builds the same from its flags."""
+    return LoadOptions(
+        weights=config.weights.get(spec.name),
+        device=config.device,
+        threads=threads,
+        weights_dir=config.weights_dir,
+        all_weights=dict(config.weights),
+        allow_pickle=config.allow_pickle,
+        path=config.path,
+        precision=config.precision,
+        backend=config.backend,
+    )
+
+
+@dataclass
+class Target:
+    """One leaderboard entry to run: ``open()`` prepares it (loads the model, or builds or loads an
+    image), writes its models.json entry and returns ``run_one(case_path) -> record``."""
+
+    entry: str
+    open: Callable[[], Callable[[Path], dict]]
+    runner: str = RUNNER
+    timing_mode: str = TIMING_MODE
+
+
+def native_target(spec: SegmenterSpec, config: RunConfig, plugins: HarnessPlugins, threads: int) -> Target:
+    entry = entry_name(spec, config)
+
+    def open_() -> Callable[[Path], dict]:
+        segmenter = spec.load(load_options(spec, config, threads))
+        update_models(config.out_dir, entry, _model_info(spec, segmenter.describe(), plugins,
+                                                         variant_tags(spec, config)))
+        return lambda case_path: run_case(segmenter, spec, case_path, config, threads)
+
+    return Target(entry, open_)
+
+
 def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> RunReport:
     """Run every requested model over every case of ``config.data_dir``; resumable."""
+    from harness import external
+
     plugins = plugins or HarnessPlugins()
+    external.check_config(config)
     specs = [plugins.get(name) for name in config.models]  # unknown names fail before any work
     for name in config.weights:  # weights for a model not run are components (a teacher's decoder)
         plugins.get(name)
@@ -213,39 +314,30 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
     report = RunReport()
     with ResultsStore(config.out_dir) as store:
         inflight = InFlight(config.out_dir)
-        for spec in specs:
-            entry = entry_name(spec, config)
+        if config.runner == RUNNER:
+            targets = [native_target(spec, config, plugins, threads) for spec in specs]
+        else:
+            targets = external.targets(specs, config, plugins, threads, log)
+        for target in targets:
+            entry = target.entry
             finished = store.finished(entry, include_errors=not config.retry_errors)
             pending = [c for c in cases if c.name not in finished]
             report.skipped += len(cases) - len(pending)
             if not pending:
                 log(f"{entry}: all {len(cases)} cases already in {store.path}")
                 continue
-            options = LoadOptions(
-                weights=config.weights.get(spec.name),
-                device=config.device,
-                threads=threads,
-                weights_dir=config.weights_dir,
-                all_weights=dict(config.weights),
-                allow_pickle=config.allow_pickle,
-                path=config.path,
-                precision=config.precision,
-                backend=config.backend,
-            )
             try:
-                segmenter = spec.load(options)
-                info = _model_info(spec, segmenter.describe(), plugins, variant_tags(spec, config))
-                update_models(config.out_dir, entry, info)
+                run_one = target.open()
             except Exception as exc:  # noqa: BLE001 - a model that cannot load must not stop the others
                 report.failed_models[entry] = _error_text(exc)
                 continue
             bar = tqdm(pending, desc=entry, unit="case", disable=not config.progress, file=sys.stderr)
             for case_path in bar:
                 bar.set_postfix_str(case_path.name, refresh=False)
-                record = inflight.previous_crash(entry, case_path)
+                record = inflight.previous_crash(entry, case_path, target.runner, target.timing_mode)
                 if record is None:
                     inflight.start(entry, case_path)
-                    record = run_case(segmenter, spec, case_path, config, threads)
+                    record = run_one(case_path)
                 store.append(record)
                 inflight.finish(entry, case_path)
                 if record["status"] == "ok":
@@ -254,7 +346,7 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
                     report.errors += 1
                     tqdm.write(f"{entry} {case_path.name}: {record['error']}", file=sys.stderr)
             bar.close()
-            del segmenter
+            del run_one  # the loaded model (native) goes with it
     return report
 
 
@@ -282,15 +374,16 @@ class InFlight:
     def _marker(self, model: str, case_path: Path) -> Path:
         return self.root / model / case_path.name
 
-    def previous_crash(self, model: str, case_path: Path) -> dict | None:
+    def previous_crash(self, model: str, case_path: Path, runner: str = RUNNER,
+                       timing_mode: str = TIMING_MODE) -> dict | None:
         """An error record if this case already died twice, else None."""
         marker = self._marker(model, case_path)
         attempts = int(marker.read_text() or 0) if marker.is_file() else 0
         if attempts < 2:
             return None
         return {
-            "model": model, "case": case_path.name, "status": "error", "timing_mode": TIMING_MODE,
-            "runner": RUNNER, "harness_version": __version__,
+            "model": model, "case": case_path.name, "status": "error", "timing_mode": timing_mode,
+            "runner": runner, "harness_version": __version__,
             "error": f"{case_path}: the harness process died while segmenting this case, {attempts} times "
                      "(killed or crashed, e.g. out of memory); use --retry-errors to try again",
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

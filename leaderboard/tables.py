@@ -16,6 +16,10 @@ DSC is undefined (NaN: a label absent from both ground truth and prediction, sto
 left out of the means and counted in the ``NaN`` column. Runtime is the mean seconds per case;
 memory is the largest per-case peak RSS, per dimension. Only successful cases enter any figure;
 errors are counted beside them.
+
+A segmenter run under more than one ``--runner`` (native in-process, subprocess, docker: separate
+entries such as ``litemedsam[docker]``) also gets a "Runner overhead" table: its mean seconds per case
+under each runner on the cases all of them finished, and the mean per-case differences.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ def load_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     out_dir = Path(out_dir)
     records = latest_records(read_records(out_dir / RESULTS_FILE))
     columns = ["model", "case", "modality", "dim", "status", "dsc", "nsd", "seconds", "peak_rss_mb",
-               "timing_mode", "runner", "threads", "path"]
+               "timing_mode", "runner", "threads", "path", "segmenter"]
     frame = pd.DataFrame.from_records(records)
     for col in columns:
         if col not in frame:
@@ -204,6 +208,9 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
         if rep:
             body.extend(_reported_rows(r, rep))
     lines.append(tabulate(body, headers=headers, tablefmt="github", disable_numparse=True))
+    overhead = runner_overhead(frame, models)
+    if not overhead.empty:
+        lines += ["", "## Runner overhead (seconds per case)", "", _overhead_text(overhead)]
     lines += ["", "## Per modality (DSC / NSD, %)", ""]
     lines.append(_modality_table(frame, summary, models if reported else {}))
     sources = _sources(summary, models) if reported else ""
@@ -211,6 +218,63 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
         lines += ["", "## Sources of the published rows", "", sources]
     lines.append("")
     return "\n".join(lines)
+
+
+RUNNER_ORDER = ("native", "subprocess", "docker")
+RUNNER_LABELS = {"native": "in-process", "subprocess": "subprocess", "docker": "docker"}
+OVERHEADS = (("subprocess", "native"), ("docker", "subprocess"), ("docker", "native"))
+
+
+def runner_overhead(frame: pd.DataFrame, models: dict[str, dict]) -> pd.DataFrame:
+    """Per segmenter run under more than one runner (same other choices: path, precision, backend):
+    the mean seconds per case under each runner, on the cases every one of them finished, and the
+    mean per-case differences subprocess - in-process, docker - subprocess and docker - in-process."""
+    ok = frame[(frame["status"] == "ok") & frame["seconds"].notna()]
+    groups: dict[tuple[str, tuple[str, ...]], dict[str, str]] = {}
+    for model in dict.fromkeys(ok["model"].dropna()):
+        sub = ok[ok["model"] == model]
+        runners = sub["runner"].dropna()
+        runner = runners.mode().iloc[0] if not runners.empty else "native"
+        if runner not in RUNNER_ORDER:
+            continue
+        info = models.get(model, {})
+        segmenter = info.get("segmenter") or (sub["segmenter"].dropna().iloc[0]
+                                              if "segmenter" in sub and sub["segmenter"].notna().any() else model)
+        base = tuple(t for t in (info.get("tags") or []) if t not in RUNNER_ORDER)
+        groups.setdefault((segmenter, base), {}).setdefault(runner, model)
+    rows = []
+    for (segmenter, base), by_runner in groups.items():
+        if len(by_runner) < 2:
+            continue
+        times = {runner: ok[ok["model"] == model].set_index("case")["seconds"] for runner, model in by_runner.items()}
+        shared = sorted(set.intersection(*(set(t.index) for t in times.values())))
+        some = next(iter(by_runner.values()))
+        title = models.get(some, {}).get("title") or segmenter
+        row = {"segmenter": segmenter, "method": f"{title} [{', '.join(base)}]" if base else title,
+               "cases": len(shared), "entries": dict(by_runner)}
+        for runner in RUNNER_ORDER:
+            row[runner] = float(times[runner].loc[shared].mean()) if runner in times and shared else float("nan")
+        for a, b in OVERHEADS:
+            if a in times and b in times and shared:
+                row[f"{a}-{b}"] = float((times[a].loc[shared] - times[b].loc[shared]).mean())
+            else:
+                row[f"{a}-{b}"] = float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _overhead_text(overhead: pd.DataFrame) -> str:
+    intro = ("The same segmenter under each runner, on the cases all its runners finished: in-process times the "
+             "segmentation alone (the model loaded once); subprocess and docker time one whole run per case "
+             "(process or container start, imports, model load, reading the case, writing the output), as the "
+             "challenge times a submission. The differences are means of the per-case differences.")
+    headers = ["Method", "Cases"] + [RUNNER_LABELS[r] for r in RUNNER_ORDER] + [
+        f"{RUNNER_LABELS[a]} - {RUNNER_LABELS[b]}" for a, b in OVERHEADS]
+    body = []
+    for _, r in overhead.iterrows():
+        body.append([r["method"], str(r["cases"])] + [_fmt(r[runner], ".2f", "s") for runner in RUNNER_ORDER]
+                    + [_fmt(r[f"{a}-{b}"], "+.2f", "s") for a, b in OVERHEADS])
+    return intro + "\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def _published_carriers(summary: pd.DataFrame) -> set[str]:
@@ -326,7 +390,10 @@ def _summary(frame: pd.DataFrame, models: dict[str, dict]) -> dict:
             for _, m in mods.iterrows()
         }
         out.append(entry)
-    return {"models": out}
+    overhead = runner_overhead(frame, models)
+    rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+            for r in overhead.to_dict("records")]
+    return {"models": out, "runner_overhead": rows}
 
 
 def write_leaderboard(out_dir: str | Path, output: str | Path | None = None, reported: bool = True) -> Path:

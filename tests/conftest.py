@@ -1,6 +1,8 @@
 """Shared fixtures. Helpers for the reference folder live in ``reference.py``, for the CLI in ``helpers.py``."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,3 +14,22 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A ``docker.DockerClient`` whose engine answered (``harness.container.engine.connect``).
+
+    Without an engine the test is skipped with the reason, unless ``HARNESS_REQUIRE_DOCKER=1`` (set by
+    ``.ci/run``, which starts one): then it fails.
+    """
+    from harness.container.engine import EngineUnavailable, connect
+
+    try:
+        client = connect()
+    except EngineUnavailable as exc:
+        if os.environ.get("HARNESS_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"HARNESS_REQUIRE_DOCKER=1 but {exc}", pytrace=False)
+        pytest.skip(f"no Docker engine: {exc}")
+    yield client
+    client.close()

@@ -1,0 +1,103 @@
+"""``harness predict``: segment every case of a folder with one model, as a challenge container does.
+
+``harness predict --model NAME -i IN -o OUT`` loads the segmenter once (the plugins and
+:class:`~harness.specs.LoadOptions` of ``harness run``), then for every ``IN/*.npz`` (or
+``IN/imgs/*.npz``) in name order loads the case, segments it and writes ``OUT/<same name>`` with
+the key ``segs`` (uint16). The segmentation is the native runner's own code path
+(:func:`harness.runner.timed_segment` and :func:`harness.runner.check_segs`). A case that fails is
+reported on stderr with its file and the problem, and the others still run; the exit status is
+non-zero if any case failed.
+
+It is what the images of :mod:`harness.container` run as ``predict.sh``, and what the subprocess
+runner starts once per case.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.cases import discover_cases, load_case, save_segs
+from harness.pluginmanager import HarnessPlugins
+
+
+@dataclass
+class PredictReport:
+    """What one ``harness predict`` did: the cases written and the ones that failed (name -> message)."""
+
+    written: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def split_weights(items: list[str], model: str, known: set[str]) -> dict[str, Path]:
+    """``--weights`` of ``harness predict``: ``PATH`` (the model's weights) or ``NAME=PATH`` (weights
+    of segmenter NAME, e.g. a part of a composed model); NAME must be a known segmenter."""
+    weights: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if sep and name.strip() in known and path:
+            weights[name.strip()] = Path(path).expanduser()
+        else:
+            weights[model] = Path(item).expanduser()
+    for name, path in weights.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"--weights {name}={path}: no such file")
+    return weights
+
+
+def predict(
+    model: str,
+    inputs: str | Path,
+    outputs: str | Path,
+    *,
+    weights: dict[str, Path] | None = None,
+    weights_dir: Path | None = None,
+    allow_pickle: bool = False,
+    threads: int | None = None,
+    device: str = "cpu",
+    path: str = "faithful",
+    precision: str = "fp32",
+    backend: str = "torch",
+    plugins: HarnessPlugins | None = None,
+    log=print,
+) -> PredictReport:
+    """Segment every case of ``inputs`` with ``model`` into ``outputs``; never raises for one case.
+
+    Raises FileNotFoundError for a missing input folder, and whatever the segmenter's loader raises
+    when the model cannot load.
+    """
+    from harness import runner
+
+    inputs, outputs = Path(inputs), Path(outputs)
+    plugins = plugins or HarnessPlugins()
+    spec = plugins.get(model)
+    cases = discover_cases(inputs)
+    config = runner.RunConfig(models=[model], data_dir=inputs, out_dir=outputs, weights=dict(weights or {}),
+                              weights_dir=weights_dir, allow_pickle=allow_pickle, threads=threads, device=device,
+                              path=path, precision=precision, backend=backend)
+    threads = threads or runner.default_threads()
+    runner._pin_threads(threads)
+    segmenter = spec.load(runner.load_options(spec, config, threads))
+    outputs.mkdir(parents=True, exist_ok=True)
+    report = PredictReport()
+    for case_path in cases:
+        stage = "loading the case"
+        try:
+            case = load_case(case_path)
+            stage = "segmenting"
+            segs, seconds, _ = runner.timed_segment(segmenter, case)
+            segs = runner.check_segs(segs, case)
+            stage = "writing segs"
+            save_segs(outputs / case_path.name, segs)
+        except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
+            message = f"while {stage}: {runner._error_text(exc, case_path)}"
+            report.failed[case_path.name] = message
+            print(f"harness predict: error: {message}", file=sys.stderr, flush=True)
+            continue
+        report.written.append(case_path.name)
+        log(f"{case_path.name}: {seconds:.3f}s -> {outputs / case_path.name}")
+    return report

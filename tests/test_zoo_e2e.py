@@ -15,6 +15,7 @@ cache, which changes only how often the (pure) encoder runs; test_engine_e2e pin
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -24,7 +25,13 @@ import pytest
 import torch
 
 from models import build_model
-from models.engine import MEDFICIENTSAM_DOCKER, MEDFICIENTSAM_SRC_INFER, MEDSAM_MFS, BoxPromptEngine
+from models.engine import (
+    LITEMEDSAM_CVPR24,
+    MEDFICIENTSAM_DOCKER,
+    MEDFICIENTSAM_SRC_INFER,
+    MEDSAM_MFS,
+    BoxPromptEngine,
+)
 from reference import assert_segs_match, load_npz, make_state_dict, require_data, require_reference
 from helpers import harness_cli
 
@@ -32,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("two_threads")
 
 CASES = ("2DBox_Mammography_demo", "3DBox_Synthetic_demo")
 MODEL_KEYS = {"medsam": "medsam_vit_b", "l0": "medficientsam_l0", "l1": "medficientsam_l1",
-              "l2": "medficientsam_l2"}
+              "l2": "medficientsam_l2", "litemedsam": "lite_medsam"}
 
 
 
@@ -76,6 +83,34 @@ def test_medficientsam_matches_docker_and_src_infer(seed0_models, name, case):
 def test_medsam_matches_infer_medsam(seed0_models, case):
     ref = load_npz("medsam_vit_b", f"e2e_{case}.npz")["segs"]
     assert_segs_match(_run(seed0_models("medsam"), MEDSAM_MFS, case), ref)
+
+
+# The fast execution path as `harness run --path fast` builds it (TorchSegmenter: BatchNorm folded,
+# slices encoded once per case in batches, 2D boxes decoded together) against the same upstream
+# references and bars: the fast path is a parity-tested path, for every model.
+FAST_PIPELINES = {"litemedsam": LITEMEDSAM_CVPR24, "l0": MEDFICIENTSAM_DOCKER, "l1": MEDFICIENTSAM_DOCKER,
+                  "l2": MEDFICIENTSAM_DOCKER, "medsam": MEDSAM_MFS}
+
+
+# Both cases for one model of each encoder family; the 3D case (encoder batching, cache, propagation)
+# for the others, to bound CI time.
+FAST_CASES = [("litemedsam", c) for c in CASES] + [("l0", c) for c in CASES] + [
+    (name, "3DBox_Synthetic_demo") for name in ("l1", "l2", "medsam")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, case", FAST_CASES)
+def test_fast_path_matches_upstream(seed0_models, name, case):
+    from models.segmenters import TorchSegmenter
+
+    data = load_npz("cases", f"{case}.npz")
+    model = copy.deepcopy(seed0_models(name))  # the fast path rewrites its model (BatchNorm folding)
+    segmenter = TorchSegmenter(name, model, FAST_PIPELINES[name], weights="seed0", path="fast")
+    segs = segmenter.engine.segment(data["imgs"], data["boxes"])
+    assert_segs_match(segs, load_npz(MODEL_KEYS[name], f"e2e_{case}.npz")["segs"])
+    if case.startswith("3D"):
+        visited = {z for box in data["boxes"] for z in range(int(box[2]), int(box[5]) + 1)}
+        assert segmenter.engine.stats.images_encoded <= len(visited)  # each slice encoded at most once
 
 
 # --------------------------------------------------------------------------- the whole zoo via the CLI

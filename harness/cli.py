@@ -8,6 +8,7 @@ from pathlib import Path
 from harness import __version__
 from harness.pluginmanager import PluginError, UnknownSegmenterError
 from harness.results import StoreLockedError
+from harness.specs import DEFAULT_PATH
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
@@ -310,10 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also load whole-module pickles (medficientsam's model.pth); this runs code "
                         "from the file: only for files you trust")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
-    p.add_argument("--path", choices=("faithful", "fast"), default="faithful",
-                   help="execution path of the torch segmenters: faithful (the upstream call pattern, default) "
-                        "or fast (3D slices encoded once per case in batches and cached, 2D boxes decoded "
-                        "in one call; same masks within the reference bars)")
+    p.add_argument("--path", choices=("faithful", "fast"), default=DEFAULT_PATH,
+                   help="execution path of the torch segmenters: fast (default: 3D slices encoded once per case "
+                        "and cached, 2D boxes decoded in one call, BatchNorm folded; the upstream masks within "
+                        "the reference bars) or faithful (the upstream call pattern, stored as NAME[faithful])")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="numeric precision of the torch segmenters' image encoder: fp32 (default) or bf16 "
                         "(needs a CPU with AMX or AVX512-BF16, detected at run time, or a GPU)")
@@ -354,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="also load whole-module pickles (as in run)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--path", choices=("faithful", "fast"), default="faithful", help="execution path (as in run)")
+    p.add_argument("--path", choices=("faithful", "fast"), default=DEFAULT_PATH, help="execution path (as in run)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder precision (as in run)")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
                    help="model executor (as in run)")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from harness.cases import discover_cases, load_case, save_segs
 from harness.pluginmanager import HarnessPlugins
+from harness.specs import DEFAULT_PATH
 
 
 @dataclass
@@ -59,7 +60,7 @@ def predict(
     allow_pickle: bool = False,
     threads: int | None = None,
     device: str = "cpu",
-    path: str = "faithful",
+    path: str = DEFAULT_PATH,
     precision: str = "fp32",
     backend: str = "torch",
     plugins: HarnessPlugins | None = None,

@@ -32,7 +32,7 @@ from harness.metrics import case_metrics
 from harness.pluginmanager import HarnessPlugins
 from harness.profiling import PeakRSS
 from harness.results import ResultsStore, update_models
-from harness.specs import LoadOptions, SegmenterSpec
+from harness.specs import DEFAULT_PATH, LoadOptions, SegmenterSpec
 
 TIMING_MODE = "in-process"
 RUNNER = "native"
@@ -66,7 +66,7 @@ class RunConfig:
     allow_pickle: bool = False
     threads: int | None = None
     device: str = "cpu"
-    path: str = "faithful"
+    path: str = DEFAULT_PATH
     precision: str = "fp32"
     backend: str = "torch"
     runner: str = RUNNER
@@ -91,11 +91,11 @@ class RunReport:
         return not self.failed_models and self.errors == 0
 
 
-CHOICE_DEFAULTS = {"path": "faithful", "precision": "fp32", "backend": "torch"}
+CHOICE_DEFAULTS = {"path": DEFAULT_PATH, "precision": "fp32", "backend": "torch"}
 
 
 def variant_tags(spec: SegmenterSpec, config: "RunConfig") -> list[str]:
-    """What sets this run of ``spec`` apart from its default (faithful path, fp32, torch, in this
+    """What sets this run of ``spec`` apart from the defaults (fast path, fp32, torch, in this
     process), as short tags: only the choices ``spec.choices`` honours, then the runner."""
     tags = [getattr(config, key) for key, default in CHOICE_DEFAULTS.items()
             if key in spec.choices and getattr(config, key) != default]

@@ -36,6 +36,12 @@ class Reported:
     hardware: str | None = None
 
 
+DEFAULT_PATH = "fast"
+"""The execution path runs use unless told otherwise: the fast path, parity-tested for every built-in
+model against the upstream references (tests/test_zoo_e2e.py) and never slower than the faithful one
+in `harness bench` (README, Performance)."""
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """What the runner hands a segmenter's loader.
@@ -45,7 +51,7 @@ class LoadOptions:
     for segmenters built from parts of others (a distilled student completed with MedSAM's
     decoder); ``weights_dir`` is ``--weights-dir``; ``allow_pickle`` is the user's explicit
     ``--allow-pickle`` for whole-module pickles; ``device`` a torch device string; ``threads`` the
-    CPU thread count the run pins; ``path`` the execution path (``--path``): ``"faithful"`` (the
+    CPU thread count the run pins; ``path`` the execution path (``--path``, default :data:`DEFAULT_PATH`): ``"faithful"`` (the
     upstream call pattern) or ``"fast"`` (batched and cached model calls, same masks within the
     reference bars), for segmenters that have both (the engine-based ones); ``precision`` the
     numeric precision (``--precision``): ``"fp32"`` or ``"bf16"`` (CPUs with AMX / AVX512-BF16, or
@@ -60,7 +66,7 @@ class LoadOptions:
     weights_dir: Path | None = None
     all_weights: Mapping[str, Path] = field(default_factory=dict)
     allow_pickle: bool = False
-    path: str = "faithful"
+    path: str = DEFAULT_PATH
     precision: str = "fp32"
     backend: str = "torch"
 

@@ -167,11 +167,11 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
     if (summary["method"] != summary["title"]).any():
         lines.append("")
         lines.append(
-            "Tags name how a row differs from the upstream-faithful run in this process: [fast] the fast execution "
-            "path (`--path fast`: batched and cached model calls, the same masks within the reference bars), "
-            "[bf16] the encoder in bfloat16 (`--precision bf16`), [onnxruntime] / [openvino] the exported graphs "
-            "(`--backend`), [subprocess] / [docker] timed end to end per case (`--runner`). An untagged torch "
-            "model ran faithful, fp32, torch, in process."
+            "Tags name how a row differs from the defaults (the fast execution path, fp32, torch, in this "
+            "process; the fast path gives the upstream masks within the reference bars): [faithful] the upstream "
+            "call pattern (`--path faithful`), [bf16] the encoder in bfloat16 (`--precision bf16`), "
+            "[onnxruntime] / [openvino] the exported graphs (`--backend`), [subprocess] / [docker] timed end to "
+            "end per case (`--runner`). Results written before this tagging are tagged [fast] when fast."
         )
     carriers = _published_carriers(summary)
     if reported and any(_reported_of(models, m) for m in carriers):

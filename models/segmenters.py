@@ -25,7 +25,9 @@ class TorchSegmenter:
         image encoder's arithmetic (see :class:`~models.engine.BoxPromptEngine`); ``backend``
         (``"torch"`` / ``"onnxruntime"`` / ``"openvino"``) what executes the encoder and decoder:
         another backend runs graphs exported from ``model`` (:mod:`models.backends`), cached by the
-        weights file's hash."""
+        weights file's hash.  The segmenter owns ``model``: on the fast path it is rewritten in
+        place (BatchNorm folded into convs, :mod:`models.optimize`), so pass a copy to keep the
+        original."""
         if path is not None:
             config = config.for_path(path)
         info = getattr(model, "info", None)

@@ -233,7 +233,7 @@ def test_torch_segmenter_applies_and_reports_the_path(monkeypatch):
     assert seg.config == LITEMEDSAM_CVPR24.fast_variant() and seg.engine.config.fast
     facts = seg.describe()
     assert facts["path"] == "fast" and facts["pipeline"] == "litemedsam_cvpr24"
-    assert LoadOptions().path == "faithful"
+    assert LoadOptions().path == "fast"  # the harness's default path (harness.specs.DEFAULT_PATH)
 
 
 def test_litemedsam_plugin_loads_the_chosen_path():
@@ -293,19 +293,19 @@ def test_runner_passes_the_choices_and_stores_each_variant_as_its_own_tagged_ent
     by_entry = {}
     for r in records:
         by_entry.setdefault(r["model"], set()).add((r["segmenter"], r["path"], r["precision"]))
-    assert by_entry == {"pathy": {("pathy", "faithful", "fp32")}, "plain": {("plain", "faithful", "fp32")},
-                        "pathy[fast]": {("pathy", "fast", "fp32")}, "pathy[fast,bf16]": {("pathy", "fast", "bf16")}}
+    assert by_entry == {"pathy[faithful]": {("pathy", "faithful", "fp32")}, "plain": {("plain", "faithful", "fp32")},
+                        "pathy": {("pathy", "fast", "fp32")}, "pathy[bf16]": {("pathy", "fast", "bf16")}}
     models = json.loads((out / "models.json").read_text())
-    assert models["pathy[fast,bf16]"]["tags"] == ["fast", "bf16"] and models["pathy"]["tags"] == []
-    assert (out / "segs" / "pathy[fast]").is_dir()
+    assert models["pathy[bf16]"]["tags"] == ["bf16"] and models["pathy"]["tags"] == []
+    assert (out / "segs" / "pathy[faithful]").is_dir()
     board = render_markdown(out)
-    assert "| Pathy [fast]" in board and "| Pathy [fast, bf16]" in board and "\n| Pathy " in board
-    assert "[fast] the fast execution path" in board
+    assert "| Pathy [faithful]" in board and "| Pathy [bf16]" in board and "\n| Pathy " in board
+    assert "[faithful] the upstream call pattern" in board
     assert board.count("Pathy *(published)*") == 1  # under one row of the segmenter, not under each variant
 
-    assert build_parser().parse_args(["run", "--models", "x"]).path == "faithful"
-    args = build_parser().parse_args(["run", "--models", "x", "--path", "fast", "--precision", "bf16"])
-    assert (args.path, args.precision, args.backend) == ("fast", "bf16", "torch")
+    assert build_parser().parse_args(["run", "--models", "x"]).path == "fast"
+    args = build_parser().parse_args(["run", "--models", "x", "--path", "faithful", "--precision", "bf16"])
+    assert (args.path, args.precision, args.backend) == ("faithful", "bf16", "torch")
 
 
 # ============================================================================ real models

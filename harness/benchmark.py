@@ -265,13 +265,18 @@ def run_bench(config: BenchConfig, plugins: HarnessPlugins | None = None, log: C
                         m.min_dice_vs_faithful = _min_dice(segs, reference)
             log(f"{spec.name} {case.name}: " + ", ".join(f"{n} {m.median_s:.2f}s" for n, m in per_variant.items()))
             measurements.extend(per_variant.values())
+            _write(config, _result(config, threads, peaks, measurements, notes))  # an interrupted bench keeps its cases
         loaded.clear()
         gc.collect()
     result = _result(config, threads, peaks, measurements, notes)
+    _write(config, result)
+    return result
+
+
+def _write(config: BenchConfig, result: dict) -> None:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config.out_dir / "bench.json", result)
     write_text_atomic(config.out_dir / "bench.md", render_markdown(result))
-    return result
 
 
 def _result(config: BenchConfig, threads: int, peaks: dict, measurements: list[Measurement], notes: dict) -> dict:

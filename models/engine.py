@@ -85,7 +85,10 @@ class PipelineConfig:
                     Batched encoder / decoder calls can differ from one-at-a-time calls in the
                     last float bits (different matmul blocking); the masks are the same within
                     the reference bars (tests/test_fast_path.py).
-    encoder_batch   most slices per encoder call on the fast path.
+    encoder_batch   most slices per encoder call on the fast path.  Default 1: on CPU, batching
+                    4 LiteMedSAM slices per call was slower than one at a time (harness bench, README
+                    Performance); the cache still encodes each slice once.  Larger batches are for
+                    accelerators (``fast_variant(encoder_batch=4)``, ``harness bench`` variant ``fast+b4``).
     fold_batchnorm  on the fast path, fold each BatchNorm that follows a conv into the conv
                     (:func:`models.optimize.fold_batchnorm`, done by the segmenter that owns the
                     model, after loading its weights).
@@ -110,7 +113,7 @@ class PipelineConfig:
     batch_boxes_2d: bool = False
     cache_slice_embeddings: bool = False
     fast: bool = False
-    encoder_batch: int = 4
+    encoder_batch: int = 1
     cache_mb: float = 1024.0
     fold_batchnorm: bool = True
     channels_last: bool = False

@@ -105,7 +105,7 @@ def test_3d_fast_same_segs_each_slice_once_batched(name):
     config = CONFIGS[name]
     vol = _volume(depth=9, blank=(5,))
     faithful, f_engine, f_model = _run(config, vol, VOLUME_BOXES)
-    fast, engine, model = _run(config.fast_variant(), vol, VOLUME_BOXES, engine_cls=_SliceCounter)
+    fast, engine, model = _run(config.fast_variant(encoder_batch=4), vol, VOLUME_BOXES, engine_cls=_SliceCounter)
     np.testing.assert_array_equal(fast, faithful)
     assert faithful.max() == 3  # every box left a label
     assert model.prompt_encoder.seen == f_model.prompt_encoder.seen  # same propagated prompts
@@ -114,7 +114,7 @@ def test_3d_fast_same_segs_each_slice_once_batched(name):
     assert sorted(engine.encoded_slices) == union
     assert engine.stats.images_encoded == len(union) < f_engine.stats.images_encoded
     assert engine.stats.encoder_calls == model.image_encoder.calls < f_engine.stats.encoder_calls
-    assert max(engine.stats.encoder_batches) == config.encoder_batch == 4
+    assert max(engine.stats.encoder_batches) == engine.config.encoder_batch == 4
     assert sum(engine.stats.encoder_batches) == len(union)
     assert engine.stats.cache_hits > 0
     assert 0 < engine.stats.peak_cache_bytes <= config.cache_mb * 2**20
@@ -344,7 +344,9 @@ def test_real_models_fast_same_masks_as_faithful(name, two_threads, capsys):
             imgs, boxes = npz["imgs"], npz["boxes"]
         runs = {}
         for label in EXECUTION_PATHS:
-            engine = BoxPromptEngine(model, config.for_path(label))
+            # batches of 4 slices: the batched encoder must give the same masks as well
+            engine = BoxPromptEngine(model, config.for_path(label) if label == "faithful"
+                                     else config.fast_variant(encoder_batch=4))
             start = time.perf_counter()
             segs = engine.segment(imgs, boxes)
             runs[label] = (segs, engine.stats, time.perf_counter() - start)

@@ -279,6 +279,20 @@ def _add_image_parsers(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_execution_choices(p: argparse.ArgumentParser) -> None:
+    """--path, --precision and --backend, shared by run and predict."""
+    p.add_argument("--path", choices=("faithful", "fast"), default=DEFAULT_PATH,
+                   help="execution path of the torch segmenters: fast (default: 3D slices encoded once per case "
+                        "and cached, 2D boxes decoded in one call, BatchNorm folded; the upstream masks within "
+                        "the reference bars) or faithful (the upstream call pattern, stored as NAME[faithful])")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="numeric precision of the torch segmenters' image encoder: fp32 (default) or bf16 "
+                        "(needs a CPU with AMX or AVX512-BF16, detected at run time, or a GPU)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                   help="what executes the encoder and decoder: torch (default), or an exported graph "
+                        "run by onnxruntime or openvino (exported once per weights file, cached)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harness",
@@ -311,16 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also load whole-module pickles (medficientsam's model.pth); this runs code "
                         "from the file: only for files you trust")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
-    p.add_argument("--path", choices=("faithful", "fast"), default=DEFAULT_PATH,
-                   help="execution path of the torch segmenters: fast (default: 3D slices encoded once per case "
-                        "and cached, 2D boxes decoded in one call, BatchNorm folded; the upstream masks within "
-                        "the reference bars) or faithful (the upstream call pattern, stored as NAME[faithful])")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="numeric precision of the torch segmenters' image encoder: fp32 (default) or bf16 "
-                        "(needs a CPU with AMX or AVX512-BF16, detected at run time, or a GPU)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
-                   help="what executes the encoder and decoder: torch (default), or an exported graph "
-                        "run by onnxruntime or openvino (exported once per weights file, cached)")
+    _add_execution_choices(p)
     p.add_argument("--runner", choices=("native", "subprocess", "docker"), default=None,
                    help="native: in this process, a case's time is its segmentation (default); subprocess: one "
                         "`harness predict` process per case, docker: one container per case (`sh predict.sh`, "
@@ -355,10 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="also load whole-module pickles (as in run)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--path", choices=("faithful", "fast"), default=DEFAULT_PATH, help="execution path (as in run)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder precision (as in run)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
-                   help="model executor (as in run)")
+    _add_execution_choices(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="time execution variants (faithful, fast, bf16, backends) side by side",

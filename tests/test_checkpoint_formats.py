@@ -62,6 +62,12 @@ def _lightning(state: dict, prefix: str, extra: dict | None = None) -> dict:
     }
 
 
+def _as_loaded(**options) -> LoadOptions:
+    """Options for the faithful path, which keeps the model as loaded (the fast path, the default,
+    folds BatchNorm into the convs), so its weights can be compared with the file's."""
+    return LoadOptions(path="faithful", **options)
+
+
 def _assert_weights(model: torch.nn.Module, expected: dict, prefix: str = "") -> None:
     own = model.state_dict()
     for key, value in expected.items():
@@ -70,7 +76,7 @@ def _assert_weights(model: torch.nn.Module, expected: dict, prefix: str = "") ->
 
 # --------------------------------------------------------------------------- full models
 def test_plain_state_dict(l0_file, l0_state):
-    segmenter = load_medficientsam("l0", LoadOptions(weights=l0_file))
+    segmenter = load_medficientsam("l0", _as_loaded(weights=l0_file))
     _assert_weights(segmenter.model, l0_state)
     info = segmenter.describe()
     assert info["checkpoint_format"] == "state_dict" and info["pipeline"] == "medficientsam_docker"
@@ -84,7 +90,7 @@ def test_lightning_finetuned(tmp_path, l0_state):
         torch.load(path, weights_only=True)
     checkpoint = read_checkpoint(path)
     assert checkpoint.format == "lightning-finetuned" and checkpoint.meta == {"epoch": 2, "global_step": 345}
-    segmenter = load_medficientsam("l0", LoadOptions(weights=path))
+    segmenter = load_medficientsam("l0", _as_loaded(weights=path))
     _assert_weights(segmenter.model, l0_state)
 
 
@@ -92,7 +98,7 @@ def test_harness_full_checkpoint(tmp_path, l0_state):
     path = save_harness_checkpoint(tmp_path / "model.pt", "l0", l0_state, step=10)
     checkpoint = read_checkpoint(path)
     assert checkpoint.format == "harness" and checkpoint.meta["step"] == 10 and not checkpoint.encoder_only
-    _assert_weights(load_medficientsam("l0", LoadOptions(weights=path)).model, l0_state)
+    _assert_weights(load_medficientsam("l0", _as_loaded(weights=path)).model, l0_state)
 
 
 def test_pickled_module_refused_unless_allowed(tmp_path, l0_state):
@@ -101,11 +107,11 @@ def test_pickled_module_refused_unless_allowed(tmp_path, l0_state):
     path = tmp_path / "model.pth"
     torch.save(model, path)  # what medficientsam's export_torch.py writes (with its own classes)
     with pytest.raises(CheckpointError) as info:
-        load_medficientsam("l0", LoadOptions(weights=path))
+        load_medficientsam("l0", _as_loaded(weights=path))
     message = str(info.value)
     assert str(path) in message and "pickled whole model" in message
     assert "--allow-pickle" in message and "state_dict()" in message  # how to convert it
-    segmenter = load_medficientsam("l0", LoadOptions(weights=path, allow_pickle=True))
+    segmenter = load_medficientsam("l0", _as_loaded(weights=path, allow_pickle=True))
     assert read_checkpoint(path, allow_pickle=True).format == "pickled-module"
     _assert_weights(segmenter.model, l0_state)
 
@@ -137,9 +143,9 @@ def test_lightning_distilled_completed_with_medsam(tmp_path, l0_state, medsam_fi
     assert checkpoint.meta["teacher_keys"] == 1
 
     with pytest.raises(MissingWeightsError, match="--weights medsam=PATH"):
-        load_medficientsam("l0", LoadOptions(weights=path), distilled_only=True)
+        load_medficientsam("l0", _as_loaded(weights=path), distilled_only=True)
 
-    options = LoadOptions(weights=path, all_weights={"l0-distilled": path, "medsam": medsam_file})
+    options = _as_loaded(weights=path, all_weights={"l0-distilled": path, "medsam": medsam_file})
     segmenter = load_medficientsam("l0", options, distilled_only=True)
     model = segmenter.model
     assert model.info.prompt_size == 1024 and segmenter.config.prompt_size == 1024
@@ -159,7 +165,7 @@ def test_harness_distilled_from_litemedsam(tmp_path, l0_state):
     path = save_harness_checkpoint(tmp_path / "model.pt", "l0", encoder, component="image_encoder",
                                    decoder_from="litemedsam")
     # `l0` accepts a distilled student too (what `harness train distill` hands over)
-    segmenter = load_medficientsam("l0", LoadOptions(weights=path))
+    segmenter = load_medficientsam("l0", _as_loaded(weights=path))
     assert segmenter.model.info.prompt_size == 256 and segmenter.config.prompt_size == 256
     _assert_weights(segmenter.model, encoder)
     assert "litemedsam" in segmenter.describe()["completed_with"]
@@ -167,7 +173,7 @@ def test_harness_distilled_from_litemedsam(tmp_path, l0_state):
 
 def test_distilled_segmenter_refuses_full_model(l0_file):
     with pytest.raises(CheckpointError, match=r"holds a full model.*run it as l0"):
-        load_medficientsam("l0", LoadOptions(weights=l0_file), distilled_only=True)
+        load_medficientsam("l0", _as_loaded(weights=l0_file), distilled_only=True)
 
 
 # --------------------------------------------------------------------------- mismatches and lookup
@@ -175,7 +181,7 @@ def test_wrong_variant_is_named(tmp_path):
     path = tmp_path / "which.pth"
     torch.save(make_state_dict("medficientsam_l1", 0), path)
     with pytest.raises(CheckpointError) as info:
-        load_medficientsam("l0", LoadOptions(weights=path))
+        load_medficientsam("l0", _as_loaded(weights=path))
     message = str(info.value)
     assert "does not match l0" in message and "It looks like a l1 checkpoint" in message
     assert "unexpected keys" in message and "a plain state_dict" in message
@@ -191,7 +197,7 @@ def test_identify_every_registered_model():
 
 
 def test_medsam_loads_plain_state_dict(medsam_file):
-    segmenter = load_medsam(LoadOptions(weights=medsam_file))
+    segmenter = load_medsam(_as_loaded(weights=medsam_file))
     assert segmenter.config.name == "medsam_mfs" and segmenter.model.info.input_size == 1024
     assert count_parameters(segmenter.model) == 93_735_472
 

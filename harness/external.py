@@ -98,7 +98,8 @@ def check_config(config) -> None:
     changed = [f"--{key} {getattr(config, key)}" for key, default in CHOICE_DEFAULTS.items()
                if getattr(config, key) != default]
     if changed:
-        raise RunnerError(f"--runner docker runs an image's predict.sh as built (faithful, fp32, torch); "
+        raise RunnerError(f"--runner docker runs an image's predict.sh as built (the defaults: "
+                          f"{', '.join(CHOICE_DEFAULTS.values())}); "
                           f"{', '.join(changed)} cannot be passed into it")
     if config.device != "cpu":
         raise RunnerError("--runner docker runs on the CPU, as the challenge does (no GPUs are passed in)")

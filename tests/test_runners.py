@@ -192,8 +192,8 @@ def test_runner_settings_are_checked_before_any_work(tmp_path):
     base = dict(models=["boxfill"], data_dir=DEMO, out_dir=tmp_path)
     with pytest.raises(RunnerError, match="needs --runner docker"):
         check_config(RunConfig(**base, runner="subprocess", image="team.tar.gz"))
-    with pytest.raises(RunnerError, match="--path fast cannot be passed"):
-        check_config(RunConfig(**base, runner="docker", path="fast"))
+    with pytest.raises(RunnerError, match=r"as built \(the defaults: fast, fp32, torch\); --path faithful cannot be passed"):
+        check_config(RunConfig(**base, runner="docker", path="faithful"))
     with pytest.raises(RunnerError, match="--timeout needs --runner subprocess or docker"):
         check_config(RunConfig(**base, timeout=5))
     with pytest.raises(RunnerError, match="unknown runner"):

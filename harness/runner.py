@@ -115,7 +115,8 @@ def _gts_path(data_dir: Path, case_path: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def _check_segs(segs: object, case: Case) -> np.ndarray:
+def check_segs(segs: object, case: Case) -> np.ndarray:
+    """``segs`` if it is an integer array of the case's spatial shape, else ValueError/TypeError."""
     if not isinstance(segs, np.ndarray):
         raise TypeError(f"segmenter returned {type(segs).__name__}, not a numpy array")
     if tuple(segs.shape) != tuple(case.spatial_shape):
@@ -186,10 +187,6 @@ def timed_segment(segmenter, case: Case) -> tuple[object, float, PeakRSS]:
         seconds = time.perf_counter() - start
     return segs, seconds, mem
 
-
-def check_segs(segs: object, case: Case) -> np.ndarray:
-    """``segs`` if it is an integer array of the case's spatial shape, else ValueError/TypeError."""
-    return _check_segs(segs, case)
 
 
 def save_and_score(record: dict, case: Case, segs: np.ndarray, case_path: Path, config: RunConfig,

@@ -17,6 +17,14 @@ def two_threads():
 
 
 @pytest.fixture(scope="session")
+def export_cache_dir(tmp_path_factory):
+    """A ``HARNESS_CACHE_DIR`` for the exported graphs (``<dir>/exports``) of the seed-0 reference models,
+    shared by the modules that export them (test_backends, test_zoo_e2e): each model is exported once
+    per session (same cache key and weights fingerprint), into a temporary folder."""
+    return tmp_path_factory.mktemp("harness-cache")
+
+
+@pytest.fixture(scope="session")
 def docker_client():
     """A ``docker.DockerClient`` whose engine answered (``harness.container.engine.connect``).
 

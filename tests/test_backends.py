@@ -1,8 +1,10 @@
 """Exported backends (``models.backends``, ``--backend onnxruntime|openvino``) against torch fp32.
 
-* Parity: LiteMedSAM (TinyViT, 256) and MedficientSAM-L0 (EfficientViT, 512) with the reference
-  seed-0 weights; the backend's embedding (batches of 1 and 3) and low-res logits (1 and 4 boxes)
-  against the torch model within the parity tests' bars (REL_TOL x std; IoU within IOU_TOL).
+* Parity: every built-in model (LiteMedSAM: TinyViT at 256; MedficientSAM-L0/L1/L2: EfficientViT at
+  512; MedSAM: ViT-B at 1024) with the reference seed-0 weights; the backend's embedding (batches of 1
+  and 2) and low-res logits (1 and 4 boxes) against the torch model within the parity tests' bars
+  (REL_TOL x std; IoU within IOU_TOL).  tests/test_zoo_e2e.py holds openvino's masks end to end
+  against the upstream references, for every model.
 * End to end: ``TorchSegmenter(..., backend=X)`` against ``backend="torch"`` with LiteMedSAM's
   released weights, on a real 2D and a real 3D case of the bundled demo set, on both execution
   paths (2D: identical or per-label Dice >= 0.999; 3D: per-label Dice >= 0.99).
@@ -39,7 +41,8 @@ DEMO = Path(__file__).resolve().parents[1] / "harness" / "demo" / "imgs"
 CASE_2D = "2DBox_Microscopy_dsb2018-t1"  # nuclei, 256 x 256: its first 6 boxes (see _load_case)
 CASE_3D = "3DBox_CT_sts025"  # 15 x 138 x 149, one box: 5 of its slices (see _load_case)
 
-SEEDED = {"litemedsam": "lite_medsam", "l0": "medficientsam_l0"}
+SEEDED = {"litemedsam": "lite_medsam", "l0": "medficientsam_l0", "l1": "medficientsam_l1",
+          "l2": "medficientsam_l2", "medsam": "medsam_vit_b"}
 
 
 def _available(package: str) -> bool:
@@ -52,20 +55,25 @@ def _require(*packages: str) -> None:
         pytest.skip(f"needs {', '.join(missing)} (pip install 'medsam-harness[backends]')")
 
 
-def _backend_param(backend: str):
+def _backend_param(backend: str, *names: str):
+    """``pytest.param(*names, backend)``, skipped with the reason when the backend is not installed."""
     needs = [backend, "onnx", "onnxscript"]
     missing = [p for p in needs if not _available(p)]
     reason = f"backend {backend} needs {', '.join(missing)} (pip install 'medsam-harness[backends]')"
-    return pytest.param(backend, marks=pytest.mark.skipif(bool(missing), reason=reason), id=backend)
+    return pytest.param(*names, backend, marks=pytest.mark.skipif(bool(missing), reason=reason),
+                        id="-".join((*names, backend)))
 
 
 BACKEND_PARAMS = [_backend_param(b) for b in BACKENDS]
+# openvino (the default backend, --backend auto) for every model; onnxruntime for one model of each
+# encoder family (it converts the same ONNX graphs).
+PARITY = [_backend_param(b, name) for name in SEEDED for b in (BACKENDS if name in ("litemedsam", "l0") else ("openvino",))]
 
 
 @pytest.fixture(scope="module")
-def export_root(tmp_path_factory):
-    """A fresh export cache for the module, also as HARNESS_CACHE_DIR (TorchSegmenter uses that)."""
-    base = tmp_path_factory.mktemp("harness-cache")
+def export_root(export_cache_dir):
+    """The session's export cache, also as HARNESS_CACHE_DIR for the module (TorchSegmenter uses that)."""
+    base = export_cache_dir
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HARNESS_CACHE_DIR", str(base))
         yield base / "exports"
@@ -73,14 +81,14 @@ def export_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seeded_models(two_threads):
-    """name -> (model with the reference seed-0 weights, its torch fp32 embeddings of 3 images)."""
+    """name -> (model with the reference seed-0 weights, 2 images, their torch fp32 embeddings)."""
     built = {}
 
     def get(name):
         if name not in built:
             model = build_model(name)
             model.load_state_dict(make_state_dict(SEEDED[name], 0), strict=True)
-            images = _images(model.info.input_size, (0, 1, 2))
+            images = _images(model.info.input_size, (0, 1))
             with torch.no_grad():
                 built[name] = (model.eval(), images, model.image_encoder(images))
         return built[name]
@@ -112,8 +120,7 @@ def _boxes(input_size: int, prompt_size: int, count: int) -> torch.Tensor:
 
 
 # ============================================================================ parity with torch fp32
-@pytest.mark.parametrize("backend", BACKEND_PARAMS)
-@pytest.mark.parametrize("name", list(SEEDED))
+@pytest.mark.parametrize("name, backend", PARITY)
 def test_backend_matches_torch(name, backend, seeded_models, export_root):
     model, images, expected = seeded_models(name)
     size, prompt = model.info.input_size, model.info.prompt_size
@@ -126,7 +133,7 @@ def test_backend_matches_torch(name, backend, seeded_models, export_root):
     # every call returns its own arrays: a later call does not overwrite an earlier result
     assert torch.equal(single, kept)
     assert single.dtype == batch.dtype == torch.float32
-    assert tuple(single.shape) == (1, 256, 64, 64) and tuple(batch.shape) == (3, 256, 64, 64)
+    assert tuple(single.shape) == (1, 256, 64, 64) and tuple(batch.shape) == (2, 256, 64, 64)
     assert rel_dev(single, expected[:1].numpy()) <= REL_TOL, rel_dev(single, expected[:1].numpy())
     assert rel_dev(batch, expected.numpy()) <= REL_TOL, rel_dev(batch, expected.numpy())
 
@@ -382,3 +389,56 @@ def test_missing_exporter_errors(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install onnxscript"):
         compile_backend("onnxruntime", _tiny_model(0), 256, cache_key="k", cache_dir=tmp_path)
     assert not list(tmp_path.rglob("*.onnx"))
+
+
+# ============================================================================ --backend auto (the default)
+def test_auto_picks_openvino_on_the_fast_path_when_installed(monkeypatch):
+    from models.backends import resolve_backend
+
+    for explicit in ("torch", "onnxruntime", "openvino"):  # a named backend is used as named
+        assert resolve_backend(explicit, "faithful") == explicit
+    monkeypatch.setattr(backends, "missing_packages", lambda backend: [])
+    assert resolve_backend("auto", "fast") == "openvino"
+    assert resolve_backend("auto", "faithful") == "torch"  # the reference path stays on our torch code
+    assert resolve_backend("auto", "fast", "cuda:0") == "torch"  # openvino runs here on the CPU only
+    monkeypatch.setattr(backends, "missing_packages", lambda backend: ["openvino"])
+    assert resolve_backend("auto", "fast") == "torch"
+
+
+def test_auto_names_entries_by_what_ran(monkeypatch, tmp_path):
+    """Untagged = the defaults on this machine; the faithful path is [faithful] alone (it runs torch
+    under auto); a fast torch run beside an openvino default is [torch]."""
+    from harness.pluginmanager import HarnessPlugins
+    from harness.runner import RunConfig, entry_name, resolved
+
+    spec = HarnessPlugins().get("litemedsam")
+    base = dict(models=["litemedsam"], data_dir=tmp_path, out_dir=tmp_path)
+    monkeypatch.setattr(backends, "missing_packages", lambda backend: [])
+    assert resolved(RunConfig(**base)).backend == "openvino"
+    names = {b: entry_name(spec, RunConfig(**base, backend=b)) for b in ("auto", "openvino", "torch", "onnxruntime")}
+    assert names == {"auto": "litemedsam", "openvino": "litemedsam", "torch": "litemedsam[torch]",
+                     "onnxruntime": "litemedsam[onnxruntime]"}
+    assert entry_name(spec, RunConfig(**base, path="faithful")) == "litemedsam[faithful]"
+    assert entry_name(spec, RunConfig(**base, path="faithful", backend="openvino")) == "litemedsam[faithful,openvino]"
+    monkeypatch.setattr(backends, "missing_packages", lambda backend: ["openvino"])
+    assert resolved(RunConfig(**base)).backend == "torch"
+    assert entry_name(spec, RunConfig(**base)) == entry_name(spec, RunConfig(**base, backend="torch")) == "litemedsam"
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails(monkeypatch, seeded_models):
+    """``auto`` never costs a run its model: a failed export warns and runs torch (and says so in
+    describe()); a backend the user named raises."""
+    model, _, _ = seeded_models("litemedsam")
+    monkeypatch.setattr(backends, "missing_packages", lambda backend: [])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporting the encoder to ONNX failed: unsupported op")
+
+    monkeypatch.setattr(backends, "compile_backend", broken)
+    with pytest.warns(RuntimeWarning, match="openvino backend is unavailable.*running on torch"):
+        seg = TorchSegmenter("litemedsam", copy.deepcopy(model), LITEMEDSAM_CVPR24, "seed0", path="fast", backend="auto")
+    assert seg.backend == "torch" and seg.engine.model is seg.model
+    facts = seg.describe()
+    assert facts["backend"] == "torch" and "unsupported op" in facts["backend_fallback"]
+    with pytest.raises(RuntimeError, match="unsupported op"):
+        TorchSegmenter("litemedsam", copy.deepcopy(model), LITEMEDSAM_CVPR24, "seed0", path="fast", backend="openvino")

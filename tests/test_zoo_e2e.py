@@ -98,14 +98,27 @@ FAST_CASES = [("litemedsam", c) for c in CASES] + [("l0", c) for c in CASES] + [
     (name, "3DBox_Synthetic_demo") for name in ("l1", "l2", "medsam")]
 
 
+def _backend(backend: str):
+    from models.backends import missing_packages
+
+    missing = [] if backend == "torch" else missing_packages(backend)
+    reason = f"needs {', '.join(missing)} (pip install 'medsam-harness[backends]')"
+    return pytest.param(backend, marks=pytest.mark.skipif(bool(missing), reason=reason), id=backend)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", [_backend("torch"), _backend("openvino")])
 @pytest.mark.parametrize("name, case", FAST_CASES)
-def test_fast_path_matches_upstream(seed0_models, name, case):
+def test_fast_path_matches_upstream(seed0_models, name, case, backend, export_cache_dir, monkeypatch):
+    """The fast path on torch and on openvino (what ``--backend auto`` picks where it is installed)
+    gives the upstream segs within the reference bars, for every model."""
     from models.segmenters import TorchSegmenter
 
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(export_cache_dir))  # test_backends' exports, same keys
     data = load_npz("cases", f"{case}.npz")
     model = copy.deepcopy(seed0_models(name))  # the fast path rewrites its model (BatchNorm folding)
-    segmenter = TorchSegmenter(name, model, FAST_PIPELINES[name], weights="seed0", path="fast")
+    segmenter = TorchSegmenter(name, model, FAST_PIPELINES[name], weights="seed0", path="fast", backend=backend)
+    assert segmenter.backend == backend
     segs = segmenter.engine.segment(data["imgs"], data["boxes"])
     assert_segs_match(segs, load_npz(MODEL_KEYS[name], f"e2e_{case}.npz")["segs"])
     if case.startswith("3D"):

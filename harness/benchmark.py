@@ -87,7 +87,7 @@ def default_variants() -> list[Variant]:
     """faithful, fast, and where this machine can: fast+bf16 and each installed export backend."""
     from models.engine import cpu_bf16_support
 
-    names = ["faithful", "fast", "fast+b1"]
+    names = ["faithful", "fast"]
     if cpu_bf16_support():
         names.append("fast+bf16")
     for backend in ("onnxruntime", "openvino"):

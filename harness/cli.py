@@ -8,7 +8,7 @@ from pathlib import Path
 from harness import __version__
 from harness.pluginmanager import PluginError, UnknownSegmenterError
 from harness.results import StoreLockedError
-from harness.specs import DEFAULT_PATH
+from harness.specs import DEFAULT_BACKEND, DEFAULT_PATH
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
@@ -288,9 +288,11 @@ def _add_execution_choices(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="numeric precision of the torch segmenters' image encoder: fp32 (default) or bf16 "
                         "(needs a CPU with AMX or AVX512-BF16, detected at run time, or a GPU)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
-                   help="what executes the encoder and decoder: torch (default), or an exported graph "
-                        "run by onnxruntime or openvino (exported once per weights file, cached)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "openvino"), default=DEFAULT_BACKEND,
+                   help="what executes the encoder and decoder: torch, or a graph exported from it (once per "
+                        "weights file, cached) run by onnxruntime or openvino. auto (default): openvino on the "
+                        "fast path where medsam-harness[backends] is installed (parity-tested for every built-in "
+                        "model, the fastest), else torch; the faithful path runs on torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(DEMO_DIR), help="folder with imgs/*.npz (default: the bundled demo set)")
     p.add_argument("--out", default="bench-results", help="output folder (default: ./bench-results)")
     p.add_argument("--variants", default=None, metavar="V1,V2,...",
-                   help="variants as path[+precision][+backend][+bN], e.g. faithful,fast,fast+b1,fast+bf16,"
-                        "fast+openvino (default: faithful, fast, fast+b1, and fast+bf16 / fast+onnxruntime / "
-                        "fast+openvino where this machine has them); bN sets the fast path's encoder batch")
+                   help="variants as path[+precision][+backend][+bN], e.g. faithful,fast,fast+b4,fast+bf16,"
+                        "fast+openvino; a variant without a backend runs on torch (default: faithful, fast, and "
+                        "fast+bf16 / fast+onnxruntime / fast+openvino where this machine has them); bN sets the "
+                        "fast path's encoder batch (default 1)")
     p.add_argument("--repeat", type=_positive_int, default=3, help="interleaved rounds per case (default 3)")
     p.add_argument("--limit", type=_positive_int, default=None, help="at most N cases of --data")
     p.add_argument("--multibox", type=int, default=6,

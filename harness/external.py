@@ -81,7 +81,7 @@ def parse_memory(text: str) -> int:
 
 def check_config(config) -> None:
     """Refuse settings the chosen runner cannot honour, before any work."""
-    from harness.runner import CHOICE_DEFAULTS
+    from harness.runner import choice_defaults, resolved
 
     if config.runner not in RUNNERS:
         raise RunnerError(f"unknown runner {config.runner!r}; expected one of {', '.join(RUNNERS)}")
@@ -95,11 +95,14 @@ def check_config(config) -> None:
     if config.runner != "docker":
         return
     parse_memory(config.memory)
-    changed = [f"--{key} {getattr(config, key)}" for key, default in CHOICE_DEFAULTS.items()
+    built = choice_defaults(config.device)  # what the harness's images run
+    config = resolved(config)
+    same_path = {**built, "backend": choice_defaults(config.device, config.path)["backend"]}  # auto on this path
+    changed = [f"--{key} {getattr(config, key)}" for key, default in same_path.items()
                if getattr(config, key) != default]
     if changed:
         raise RunnerError(f"--runner docker runs an image's predict.sh as built (the defaults: "
-                          f"{', '.join(CHOICE_DEFAULTS.values())}); "
+                          f"{', '.join(built.values())}); "
                           f"{', '.join(changed)} cannot be passed into it")
     if config.device != "cpu":
         raise RunnerError("--runner docker runs on the CPU, as the challenge does (no GPUs are passed in)")
@@ -493,7 +496,7 @@ def harness_image(client, model: str, config, info: dict, log=print) -> str:
         labels = None
     if labels is not None:
         expected = {"model": model, "version": __version__, "weights-sha256": want,
-                    "runtime": images.ensure_runtime_image(client, log),
+                    "runtime": images.ensure_runtime_image(client, log), "backend": info.get("backend") or "none",
                     **{f"weights-sha256.{name}": images.file_sha256(path) for name, path in extra.items()}}
         stale = [key for key, value in expected.items() if labels.get(images.LABEL + key) != value]
         if not stale:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from harness.cases import discover_cases, load_case, save_segs
 from harness.pluginmanager import HarnessPlugins
-from harness.specs import DEFAULT_PATH
+from harness.specs import DEFAULT_BACKEND, DEFAULT_PATH
 
 
 @dataclass
@@ -62,7 +62,7 @@ def predict(
     device: str = "cpu",
     path: str = DEFAULT_PATH,
     precision: str = "fp32",
-    backend: str = "torch",
+    backend: str = DEFAULT_BACKEND,
     plugins: HarnessPlugins | None = None,
     log=print,
 ) -> PredictReport:

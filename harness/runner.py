@@ -32,7 +32,7 @@ from harness.metrics import case_metrics
 from harness.pluginmanager import HarnessPlugins
 from harness.profiling import PeakRSS
 from harness.results import ResultsStore, update_models
-from harness.specs import DEFAULT_PATH, LoadOptions, SegmenterSpec
+from harness.specs import DEFAULT_BACKEND, DEFAULT_PATH, LoadOptions, SegmenterSpec
 
 TIMING_MODE = "in-process"
 RUNNER = "native"
@@ -68,7 +68,7 @@ class RunConfig:
     device: str = "cpu"
     path: str = DEFAULT_PATH
     precision: str = "fp32"
-    backend: str = "torch"
+    backend: str = DEFAULT_BACKEND
     runner: str = RUNNER
     image: str | None = None
     timeout: float | None = None
@@ -91,13 +91,30 @@ class RunReport:
         return not self.failed_models and self.errors == 0
 
 
-CHOICE_DEFAULTS = {"path": DEFAULT_PATH, "precision": "fp32", "backend": "torch"}
+def choice_defaults(device: str = "cpu", path: str = DEFAULT_PATH) -> dict[str, str]:
+    """What a run does unless told otherwise, on this machine: the fast path, fp32, and the backend
+    ``--backend auto`` picks for ``path`` (on the fast path openvino where installed, else torch; on
+    the faithful path torch: :func:`models.backends.resolve_backend`)."""
+    from models.backends import resolve_backend
+
+    return {"path": DEFAULT_PATH, "precision": "fp32", "backend": resolve_backend(DEFAULT_BACKEND, path, device)}
+
+
+def resolved(config: "RunConfig") -> "RunConfig":
+    """``config`` with ``--backend auto`` replaced by the backend it picks for the run's path and device."""
+    from models.backends import resolve_backend
+
+    backend = resolve_backend(config.backend, config.path, config.device)
+    return config if backend == config.backend else dataclasses.replace(config, backend=backend)
 
 
 def variant_tags(spec: SegmenterSpec, config: "RunConfig") -> list[str]:
-    """What sets this run of ``spec`` apart from the defaults (fast path, fp32, torch, in this
-    process), as short tags: only the choices ``spec.choices`` honours, then the runner."""
-    tags = [getattr(config, key) for key, default in CHOICE_DEFAULTS.items()
+    """What sets this run of ``spec`` apart from the defaults (:func:`choice_defaults`, in this
+    process), as short tags: only the choices ``spec.choices`` honours, then the runner.  The backend
+    is compared with what ``auto`` picks for the run's path, so ``--path faithful`` (torch) is tagged
+    ``[faithful]`` alone."""
+    config = resolved(config)
+    tags = [getattr(config, key) for key, default in choice_defaults(config.device, config.path).items()
             if key in spec.choices and getattr(config, key) != default]
     if config.runner != RUNNER:
         tags.append(config.runner)
@@ -299,6 +316,7 @@ def run(config: RunConfig, plugins: HarnessPlugins | None = None, log=print) -> 
     from harness import external
 
     plugins = plugins or HarnessPlugins()
+    config = resolved(config)  # records name the backend that ran, not "auto"
     external.check_config(config)
     specs = [plugins.get(name) for name in config.models]  # unknown names fail before any work
     for name in config.weights:  # weights for a model not run are components (a teacher's decoder)

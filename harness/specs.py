@@ -41,6 +41,11 @@ DEFAULT_PATH = "fast"
 model against the upstream references (tests/test_zoo_e2e.py) and never slower than the faithful one
 in `harness bench` (README, Performance)."""
 
+DEFAULT_BACKEND = "auto"
+"""The backend runs use unless told otherwise: ``"auto"``, the fastest backend parity-tested for every
+built-in model that is installed: openvino on the fast path where ``medsam-harness[backends]`` is
+installed, else torch (:func:`models.backends.resolve_backend`)."""
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -56,7 +61,7 @@ class LoadOptions:
     reference bars), for segmenters that have both (the engine-based ones); ``precision`` the
     numeric precision (``--precision``): ``"fp32"`` or ``"bf16"`` (CPUs with AMX / AVX512-BF16, or
     a GPU); ``backend`` the executor of the model's encoder and decoder (``--backend``):
-    ``"torch"``, ``"onnxruntime"`` or ``"openvino"``.  Segmenters without these choices ignore
+    ``"torch"``, ``"onnxruntime"`` or ``"openvino"``, or ``"auto"`` (default: :data:`DEFAULT_BACKEND`).  Segmenters without these choices ignore
     them (a baseline) or raise ValueError for a value they cannot honour.
     """
 
@@ -68,7 +73,7 @@ class LoadOptions:
     allow_pickle: bool = False
     path: str = DEFAULT_PATH
     precision: str = "fp32"
-    backend: str = "torch"
+    backend: str = DEFAULT_BACKEND
 
 
 @runtime_checkable
@@ -97,7 +102,8 @@ class SegmenterSpec:
     in pixels (None for non-learned baselines). ``reference`` names the upstream pipeline reproduced.
     ``choices`` names the execution choices of :class:`LoadOptions` the loader honours (any of
     ``"path"``, ``"precision"``, ``"backend"``); a run that sets one of them away from its default
-    (faithful, fp32, torch) records its results under a tagged name, e.g. ``l0[fast,bf16]``, so
+    (the fast path, fp32, the backend ``auto`` picks) records its results under a tagged name, e.g.
+    ``l0[faithful]`` or ``l0[bf16]``, so
     that variants of one segmenter are separate leaderboard rows.  Choices a spec does not name
     are ignored for it.
     """

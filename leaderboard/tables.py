@@ -164,14 +164,21 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
         "memory the largest per-case peak RSS. FLOPs count multiply-accumulates for one image and one box at the "
         "model's resolution (the published tables' unit)."
     )
+    default_backends = _untagged_backends(frame, summary)
+    if default_backends:
+        lines.append("")
+        lines.append(
+            "Untagged rows of the torch segmenters ran the defaults: the fast execution path, fp32, backend "
+            f"{' / '.join(default_backends)} (`--backend auto`: openvino where installed, else torch; "
+            "each parity-tested against the upstream masks)."
+        )
     if (summary["method"] != summary["title"]).any():
         lines.append("")
         lines.append(
-            "Tags name how a row differs from the defaults (the fast execution path, fp32, torch, in this "
-            "process; the fast path gives the upstream masks within the reference bars): [faithful] the upstream "
-            "call pattern (`--path faithful`), [bf16] the encoder in bfloat16 (`--precision bf16`), "
-            "[onnxruntime] / [openvino] the exported graphs (`--backend`), [subprocess] / [docker] timed end to "
-            "end per case (`--runner`). Results written before this tagging are tagged [fast] when fast."
+            "Tags name how a row differs from those defaults: [faithful] the upstream call pattern on torch "
+            "(`--path faithful`), [bf16] the encoder in bfloat16 (`--precision bf16`), [torch] / [onnxruntime] / "
+            "[openvino] the backend (`--backend`), [subprocess] / [docker] timed end to end per case (`--runner`). "
+            "Results written before this tagging are tagged [fast] when fast."
         )
     carriers = _published_carriers(summary)
     if reported and any(_reported_of(models, m) for m in carriers):
@@ -218,6 +225,14 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
         lines += ["", "## Sources of the published rows", "", sources]
     lines.append("")
     return "\n".join(lines)
+
+
+def _untagged_backends(frame: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """The backends the records of untagged rows with an execution path name (sorted, distinct)."""
+    if "backend" not in frame:
+        return []
+    plain = summary[(summary["tags"] == "") & summary["path"].notna()]["model"]
+    return sorted({str(b) for b in frame[frame["model"].isin(plain)]["backend"].dropna()})
 
 
 RUNNER_ORDER = ("native", "subprocess", "docker")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,16 @@ class TorchSegmenter:
         """``path`` (``"faithful"`` / ``"fast"``, see :meth:`PipelineConfig.for_path`) overrides the
         execution path of ``config``; None keeps it.  ``precision`` (``"fp32"`` / ``"bf16"``) is the
         image encoder's arithmetic (see :class:`~models.engine.BoxPromptEngine`); ``backend``
-        (``"torch"`` / ``"onnxruntime"`` / ``"openvino"``) what executes the encoder and decoder:
-        another backend runs graphs exported from ``model`` (:mod:`models.backends`), cached by the
-        weights file's hash.  The segmenter owns ``model``: on the fast path it is rewritten in
-        place (BatchNorm folded into convs, :mod:`models.optimize`), so pass a copy to keep the
-        original."""
+        (``"torch"`` / ``"onnxruntime"`` / ``"openvino"``, or ``"auto"``: see
+        :func:`models.backends.resolve_backend`) what executes the encoder and decoder: another
+        backend runs graphs exported from ``model`` (:mod:`models.backends`), cached by the weights
+        file's hash.  When ``"auto"`` picked openvino and the export or compile fails, the segmenter
+        warns and runs on torch (``describe()["backend_fallback"]`` says why); an explicitly named
+        backend that fails raises.  The segmenter owns ``model``: on the fast torch path it is
+        rewritten in place (BatchNorm folded into convs, :mod:`models.optimize`), so pass a copy to
+        keep the original."""
+        from models.backends import resolve_backend
+
         if path is not None:
             config = config.for_path(path)
         info = getattr(model, "info", None)
@@ -40,23 +46,36 @@ class TorchSegmenter:
         self.weights = weights
         self.extra: dict[str, Any] = {}  # loader facts for describe(): checkpoint format, completed_with, ...
         self.precision = precision
-        self.backend = backend
+        try:
+            device = next(self.model.parameters()).device.type
+        except StopIteration:
+            device = "cpu"
+        self.backend = resolve_backend(backend, config.path, device)
         self._facts: tuple | None = None  # (params, Compute) of the model as loaded, for describe()
+        executor = self.model
+        if self.backend != "torch":
+            from models.backends import compile_backend
+
+            try:
+                executor = compile_backend(self.backend, self.model, config.input_size, precision=precision,
+                                           cache_key=f"{model_name}-{file_sha256(weights) or weights}")
+            except Exception as error:  # noqa: BLE001 - "auto" falls back; a named backend must not
+                if backend != "auto":
+                    raise
+                reason = f"{self.backend}: {type(error).__name__}: {error}"
+                warnings.warn(f"{model_name}: the {self.backend} backend is unavailable ({reason}); "
+                              "running on torch", RuntimeWarning, stacklevel=2)
+                self.extra["backend_fallback"] = reason
+                self.backend, executor = "torch", self.model
         has_batchnorm = any(isinstance(m, torch.nn.BatchNorm2d) for m in self.model.modules())
-        if config.fast and backend == "torch" and ((config.fold_batchnorm and has_batchnorm) or config.channels_last):
+        if config.fast and self.backend == "torch" and ((config.fold_batchnorm and has_batchnorm) or config.channels_last):
             self._facts = (count_parameters(self.model), measure_compute(self.model, config.input_size))
             if config.fold_batchnorm:
                 fold_batchnorm(self.model)
             if config.channels_last:
                 to_channels_last(self.model)
-        executor = self.model
-        if backend != "torch":
-            from models.backends import compile_backend
-
-            executor = compile_backend(backend, self.model, config.input_size, precision=precision,
-                                       cache_key=f"{model_name}-{file_sha256(weights) or weights}")
-        self.engine = BoxPromptEngine(executor, config, precision=precision if backend == "torch" else "fp32",
-                                      device=None if backend == "torch" else "cpu")
+        self.engine = BoxPromptEngine(executor, config, precision=precision if self.backend == "torch" else "fp32",
+                                      device=None if self.backend == "torch" else "cpu")
 
     @classmethod
     def from_checkpoint(cls, model_name: str, path: str | Path, config: PipelineConfig, options=None) -> "TorchSegmenter":
@@ -80,7 +99,7 @@ class TorchSegmenter:
                         path=getattr(options, "path", None),
                         precision=getattr(options, "precision", "fp32"),
                         backend=getattr(options, "backend", "torch"))
-        segmenter.extra = {"checkpoint_format": checkpoint.format}
+        segmenter.extra["checkpoint_format"] = checkpoint.format
         return segmenter
 
     def segment(self, case) -> np.ndarray:
@@ -99,6 +118,7 @@ class TorchSegmenter:
             "path": self.config.path,
             "precision": self.precision,
             "backend": self.backend,
+            **({"export": str(self.engine.model.folder)} if self.backend != "torch" else {}),
             **self.extra,
         }
 

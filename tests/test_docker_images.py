@@ -130,10 +130,25 @@ def test_model_images_carry_labels_user_and_predict_sh(docker_client, images):
         assert config["User"] == "harness" and config["WorkingDir"] == "/workspace"
         assert not config.get("Volumes"), config.get("Volumes")  # no anonymous volume per container
         assert 0.3e9 < info.size_bytes < 1.6e9, f"{info.tag}: {info.size_bytes / 1e6:.0f} MB"
+    # the backend `harness run` picks here (auto: openvino where installed): its graphs are baked in
+    from harness.runner import choice_defaults
+
+    backend = choice_defaults()["backend"]
+    labels = {m: docker_client.images.get(info.tag).labels for m, info in images.items()}
+    assert labels["litemedsam"][LABEL + "backend"] == backend and labels["boxfill"][LABEL + "backend"] == "none"
     script = docker_client.containers.run(images["litemedsam"].tag, ["cat", "predict.sh"], network_mode="none",
                                           remove=True).decode()
-    assert "harness predict --model litemedsam" in script
+    assert "harness predict --model litemedsam" in script and f"--backend {backend}" in script
     assert "-i /workspace/inputs -o /workspace/outputs" in script
+    baked = docker_client.containers.run(
+        images["litemedsam"].tag, ["/bin/sh", "-c", "echo $HARNESS_CACHE_DIR; ls /opt/harness-cache/exports/*/ "
+                                   "2>/dev/null; python -c 'import onnx' 2>/dev/null && echo has-exporter || echo "
+                                   "no-exporter"], network_mode="none", remove=True).decode().split()
+    if backend == "openvino":  # the host's export, found by key and fingerprint: nothing to export in a case
+        assert baked[0] == "/opt/harness-cache" and baked[1].startswith("openvino-256px-"), baked
+    else:
+        assert baked[0] != "/opt/harness-cache", baked
+    assert baked[-1] == "no-exporter", baked
 
 
 def test_image_runs_as_non_root_without_network(docker_client, images):

@@ -27,7 +27,7 @@ from harness.external import (
     run_external_case,
 )
 from harness.results import ResultsStore, read_records, update_models
-from harness.runner import RunConfig, run
+from harness.runner import RunConfig, choice_defaults, run
 from helpers import DEMO, harness_cli, install_fake_plugin
 from leaderboard import render_markdown, summary_json
 from leaderboard.tables import load_results, runner_overhead
@@ -192,8 +192,13 @@ def test_runner_settings_are_checked_before_any_work(tmp_path):
     base = dict(models=["boxfill"], data_dir=DEMO, out_dir=tmp_path)
     with pytest.raises(RunnerError, match="needs --runner docker"):
         check_config(RunConfig(**base, runner="subprocess", image="team.tar.gz"))
-    with pytest.raises(RunnerError, match=r"as built \(the defaults: fast, fp32, torch\); --path faithful cannot be passed"):
-        check_config(RunConfig(**base, runner="docker", path="faithful"))
+    auto = choice_defaults()["backend"]  # openvino where installed, else torch
+    with pytest.raises(RunnerError, match=rf"as built \(the defaults: fast, fp32, {auto}\); --path faithful cannot be passed"):
+        check_config(RunConfig(**base, runner="docker", path="faithful"))  # faithful runs torch: not a second change
+    other = "torch" if auto == "openvino" else "onnxruntime"
+    with pytest.raises(RunnerError, match=rf"--backend {other} cannot be passed"):
+        check_config(RunConfig(**base, runner="docker", backend=other))
+    check_config(RunConfig(**base, runner="docker", backend=auto))  # the default, named
     with pytest.raises(RunnerError, match="--timeout needs --runner subprocess or docker"):
         check_config(RunConfig(**base, timeout=5))
     with pytest.raises(RunnerError, match="unknown runner"):

@@ -15,7 +15,11 @@ Four layers of images, each built once and reused while its inputs are unchanged
 * **model** (``medsam-harness/<model>:<version>``): runtime plus the model's weights in ``/opt/weights``
   and ``/workspace/predict.sh``, which runs ``harness predict`` on ``/workspace/inputs`` ->
   ``/workspace/outputs`` as the challenge's ``sh predict.sh`` expects; labels ``org.medsam-harness.*``
-  record the model, the harness version and the weights' sha256.
+  record the model, the harness version, the weights' sha256 and the backend.  The model runs on the
+  backend ``harness run`` picks on this machine (``--backend auto``): where that is openvino, the
+  graphs exported here (``models.backends``) are baked into ``/opt/harness-cache/exports``, so no
+  container exports anything (the images carry the openvino runtime, not the exporter), and
+  ``predict.sh`` names the backend.
 
 Deps and runtime are made by running a script in a container with its inputs mounted read-only and
 the network off, then committing it: one layer each, no wheels or pip cache inside. The engine must
@@ -83,6 +87,7 @@ VENV = "/opt/venv"
 WEIGHTS_DIR = "/opt/weights"
 WORKSPACE = "/workspace"
 USER, UID = "harness", 1000
+EXPORTS_CACHE = "/opt/harness-cache"  # HARNESS_CACHE_DIR of the model images: exports/ holds the baked graphs
 # Bump when a recipe changes in a way its hash does not see: base image and wheelhouse / deps and runtime images.
 BASE_RECIPE_VERSION = 1
 RECIPE_VERSION = 2
@@ -370,8 +375,17 @@ def _req_name(requirement: str) -> str:
     return re.split(r"[\s<>=!~;\[(]", requirement.strip(), 1)[0].lower().replace("_", "-")
 
 
+IMAGE_EXTRAS = ("openvino",)
+"""Packages of the ``backends`` extra the images install: the openvino runtime, which runs the graphs
+baked into a model image (the exporter, onnx and onnxscript, runs on the host only)."""
+
+
 def runtime_requirements(root: Path) -> list[str]:
-    return list(_pyproject(root)["project"]["dependencies"])
+    """What the images install: the project's dependencies, plus :data:`IMAGE_EXTRAS` as the
+    ``backends`` extra pins them."""
+    project = _pyproject(root)["project"]
+    extras = [r for r in project.get("optional-dependencies", {}).get("backends", []) if _req_name(r) in IMAGE_EXTRAS]
+    return list(project["dependencies"]) + extras
 
 
 def _pip_download(dest: Path, requirements: list[str], log: Log, no_deps: bool = False) -> None:
@@ -629,7 +643,7 @@ def _prune_untagged(client, log: Log) -> None:
 # --------------------------------------------------------------------------- model images
 MODEL_DOCKERFILE = """\
 FROM {runtime}
-{copy_weights}COPY predict.sh {workspace}/predict.sh
+{copy_weights}{copy_exports}COPY predict.sh {workspace}/predict.sh
 LABEL {labels}
 USER {user}
 WORKDIR {workspace}
@@ -710,6 +724,10 @@ def build_image(
             weights_sha, weights_source = "none", "none"
 
     args = " ".join(f"--weights {name}={WEIGHTS_DIR}/{file}" for name, (_, file) in sorted(baked.items()))
+    backend = described.get("backend")
+    if backend:
+        args = f"{args} --backend {backend}".strip()
+    export = Path(described["export"]) if backend not in (None, "torch") and described.get("export") else None
     predict_sh = (
         "#!/bin/sh\n"
         f"# Segment every case in {WORKSPACE}/inputs into {WORKSPACE}/outputs with {model} "
@@ -719,11 +737,13 @@ def build_image(
     )
     labels = {
         "model": model, "version": __version__, "weights-sha256": weights_sha, "weights": weights_source,
-        "runtime": runtime, **{f"weights-sha256.{name}": file_sha256(path) for name, (path, _) in extra.items()},
+        "runtime": runtime, "backend": backend or "none",
+        **{f"weights-sha256.{name}": file_sha256(path) for name, (path, _) in extra.items()},
     }
     dockerfile = MODEL_DOCKERFILE.format(
         runtime=runtime, workspace=WORKSPACE, user=USER,
         copy_weights=f"COPY weights/ {WEIGHTS_DIR}/\nENV HARNESS_WEIGHTS_DIR={WEIGHTS_DIR}\n" if baked else "",
+        copy_exports=f"COPY exports/ {EXPORTS_CACHE}/exports/\nENV {CACHE_ENV}={EXPORTS_CACHE}\n" if export else "",
         labels=" ".join(f"{LABEL}{key}={json.dumps(str(value))}" for key, value in labels.items()),
     )
     started = time.monotonic()
@@ -734,6 +754,9 @@ def build_image(
             _add_bytes(tar, "predict.sh", predict_sh.encode(), mode=0o755)
             for name, (path, file) in sorted(baked.items()):
                 _add_file(tar, f"weights/{file}", path)
+            if export is not None:  # <cache key>/<openvino folder>/, as models.backends looks it up
+                for path in sorted(export.iterdir()):
+                    _add_file(tar, f"exports/{export.parent.name}/{export.name}/{path.name}", path)
         log(f"{model}: building {tag} from {runtime}"
             + (f" with {', '.join(str(p) for p, _ in baked.values())}" if baked else ""))
         image_id = _stream_build(client, context, tag, log, f"the {model} image")

@@ -93,3 +93,22 @@ def test_write_leaderboard_and_summary_json(tmp_path):
 
 def test_empty_run(tmp_path):
     assert "No results yet" in render_markdown(tmp_path)
+
+
+def test_the_backend_of_untagged_rows_is_named(tmp_path):
+    """An untagged row ran the defaults, whose backend depends on the machine (--backend auto): the
+    leaderboard names it from the records; tagged rows carry their own tags."""
+    with ResultsStore(tmp_path) as store:
+        for model, backend, path in (("l0", "openvino", "fast"), ("l0[torch]", "torch", "fast"),
+                                     ("l0[faithful]", "torch", "faithful")):
+            store.append({**rec(model, "2DBox_US_1", "US", "2D", 0.9, 0.9, 1.0, 300), "path": path,
+                          "precision": "fp32", "backend": backend})
+    for model, tags in (("l0", []), ("l0[torch]", ["torch"]), ("l0[faithful]", ["faithful"])):
+        update_models(tmp_path, model, {"title": "L0", "segmenter": "l0", "tags": tags, "path": "fast"})
+    text = render_markdown(tmp_path)
+    assert "Untagged rows of the torch segmenters ran the defaults: the fast execution path, fp32, backend openvino" in text
+    assert "| L0 [torch]" in text and "| L0 [faithful]" in text
+    # a run folder without engine rows (a baseline) names no backend
+    other = tmp_path / "baseline"
+    make_run(other)
+    assert "Untagged rows" not in render_markdown(other)

@@ -129,7 +129,7 @@ def test_model_images_carry_labels_user_and_predict_sh(docker_client, images):
         assert labels[LABEL + "weights-sha256"] == (bundled_sha if model == "litemedsam" else "none")
         assert config["User"] == "harness" and config["WorkingDir"] == "/workspace"
         assert not config.get("Volumes"), config.get("Volumes")  # no anonymous volume per container
-        assert 0.3e9 < info.size_bytes < 1.6e9, f"{info.tag}: {info.size_bytes / 1e6:.0f} MB"
+        assert 0.3e9 < info.size_bytes < 1.8e9, f"{info.tag}: {info.size_bytes / 1e6:.0f} MB"
     # the backend `harness run` picks here (auto: openvino where installed): its graphs are baked in
     from harness.runner import choice_defaults
 

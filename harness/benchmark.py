@@ -46,12 +46,14 @@ PATHS = ("faithful", "fast")
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to execute a model: ``path[+precision][+backend][+bN]`` (e.g. ``fast+bf16+b1``)."""
+    """One way to execute a model: ``path[+precision][+backend][+bN][+dN]`` (e.g. ``fast+bf16+b4``;
+    ``bN`` / ``dN``: the fast path's encoder batch (slices per call) / decoder batch (2D boxes per call))."""
 
     path: str = "faithful"
     precision: str = "fp32"
     backend: str = "torch"
     encoder_batch: int | None = None  # None: the pipeline's default
+    decoder_batch: int | None = None  # None: the pipeline's default
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
@@ -64,11 +66,13 @@ class Variant:
                 variant = dataclasses.replace(variant, precision=token)
             elif token in BACKENDS:
                 variant = dataclasses.replace(variant, backend=token)
-            elif token.startswith("b") and token[1:].isdigit() and int(token[1:]) >= 1:
-                variant = dataclasses.replace(variant, encoder_batch=int(token[1:]))
+            elif token[:1] in ("b", "d") and token[1:].isdigit() and int(token[1:]) >= 1:
+                field_name = "encoder_batch" if token[0] == "b" else "decoder_batch"
+                variant = dataclasses.replace(variant, **{field_name: int(token[1:])})
             else:
                 raise ValueError(f"variant {text!r}: unknown part {token!r} (expected one of "
-                                 f"{PRECISIONS + BACKENDS} or bN, the fast path's encoder batch)")
+                                 f"{PRECISIONS + BACKENDS}, bN (the fast path's encoder batch) or dN (its "
+                                 "decoder batch))")
         return variant
 
     @property
@@ -80,6 +84,8 @@ class Variant:
             parts.append(self.backend)
         if self.encoder_batch is not None:
             parts.append(f"b{self.encoder_batch}")
+        if self.decoder_batch is not None:
+            parts.append(f"d{self.decoder_batch}")
         return "+".join(parts)
 
 
@@ -230,8 +236,10 @@ def run_bench(config: BenchConfig, plugins: HarnessPlugins | None = None, log: C
                 log(f"{spec.name} {variant.name}: not run: {exc}")
                 continue
             engine = getattr(segmenter, "engine", None)
-            if variant.encoder_batch is not None and engine is not None:
-                engine.config = engine.config.with_options(encoder_batch=variant.encoder_batch)
+            batches = {k: v for k, v in (("encoder_batch", variant.encoder_batch),
+                                         ("decoder_batch", variant.decoder_batch)) if v is not None}
+            if batches and engine is not None:
+                engine.config = engine.config.with_options(**batches)
             segmenter.segment(cases[0][0])  # warm-up outside the timed region
             loaded[variant.name] = segmenter
         if "faithful" not in loaded and loaded:

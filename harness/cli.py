@@ -283,8 +283,9 @@ def _add_execution_choices(p: argparse.ArgumentParser) -> None:
     """--path, --precision and --backend, shared by run and predict."""
     p.add_argument("--path", choices=("faithful", "fast"), default=DEFAULT_PATH,
                    help="execution path of the torch segmenters: fast (default: 3D slices encoded once per case "
-                        "and cached, 2D boxes decoded in one call, BatchNorm folded; the upstream masks within "
-                        "the reference bars) or faithful (the upstream call pattern, stored as NAME[faithful])")
+                        "and cached, on the backend --backend picks, BatchNorm folded on torch; the upstream masks "
+                        "within the reference bars) or faithful (the upstream call pattern on torch, stored as "
+                        "NAME[faithful])")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="numeric precision of the torch segmenters' image encoder: fp32 (default) or bf16 "
                         "(needs a CPU with AMX or AVX512-BF16, detected at run time, or a GPU)")
@@ -374,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(DEMO_DIR), help="folder with imgs/*.npz (default: the bundled demo set)")
     p.add_argument("--out", default="bench-results", help="output folder (default: ./bench-results)")
     p.add_argument("--variants", default=None, metavar="V1,V2,...",
-                   help="variants as path[+precision][+backend][+bN], e.g. faithful,fast,fast+b4,fast+bf16,"
+                   help="variants as path[+precision][+backend][+bN][+dN], e.g. faithful,fast,fast+b4,fast+bf16,"
                         "fast+openvino; a variant without a backend runs on torch (default: faithful, fast, and "
-                        "fast+bf16 / fast+onnxruntime / fast+openvino where this machine has them); bN sets the "
-                        "fast path's encoder batch (default 1)")
+                        "fast+bf16 / fast+onnxruntime / fast+openvino where this machine has them); bN / dN set the "
+                        "fast path's encoder batch (slices per call) / decoder batch (2D boxes per call), default 1")
     p.add_argument("--repeat", type=_positive_int, default=3, help="interleaved rounds per case (default 3)")
     p.add_argument("--limit", type=_positive_int, default=None, help="at most N cases of --data")
     p.add_argument("--multibox", type=int, default=6,

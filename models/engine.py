@@ -81,7 +81,7 @@ class PipelineConfig:
                     ``cache_mb`` (an entry that does not fit is not kept and its slice is
                     encoded again at its next visit: never more encodes than the faithful path).
                     Within the budget, every slice of a case is encoded exactly once.
-                    2D: all boxes of an image in one decoder call (as ``batch_boxes_2d``).
+                    2D: the boxes of an image in decoder calls of ``decoder_batch`` boxes.
                     Batched encoder / decoder calls can differ from one-at-a-time calls in the
                     last float bits (different matmul blocking); the masks are the same within
                     the reference bars (tests/test_fast_path.py).
@@ -89,6 +89,10 @@ class PipelineConfig:
                     4 LiteMedSAM slices per call was slower than one at a time (harness bench, README
                     Performance); the cache still encodes each slice once.  Larger batches are for
                     accelerators (``fast_variant(encoder_batch=4)``, ``harness bench`` variant ``fast+b4``).
+    decoder_batch   most 2D boxes per decoder call on the fast path.  Default 1: SAM's decoder repeats
+                    the image embedding per box, so a batch saves no arithmetic, and on CPU 35 boxes in
+                    one call took 1.5x as long per box as one at a time on torch (same on OpenVINO;
+                    README Performance).  ``fast_variant(decoder_batch=N)``, bench variant ``fast+dN``.
     fold_batchnorm  on the fast path, fold each BatchNorm that follows a conv into the conv
                     (:func:`models.optimize.fold_batchnorm`, done by the segmenter that owns the
                     model, after loading its weights).
@@ -114,6 +118,7 @@ class PipelineConfig:
     cache_slice_embeddings: bool = False
     fast: bool = False
     encoder_batch: int = 1
+    decoder_batch: int = 1
     cache_mb: float = 1024.0
     fold_batchnorm: bool = True
     channels_last: bool = False
@@ -136,6 +141,8 @@ class PipelineConfig:
             raise ValueError("crop_resize crops the 256x256 logits; needs input_size == 256")
         if int(self.encoder_batch) < 1:
             raise ValueError(f"encoder_batch must be >= 1, got {self.encoder_batch}")
+        if int(self.decoder_batch) < 1:
+            raise ValueError(f"decoder_batch must be >= 1, got {self.decoder_batch}")
         if self.cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
 
@@ -165,9 +172,12 @@ class PipelineConfig:
     def caches_slices(self) -> bool:
         return self.fast or self.cache_slice_embeddings
 
-    @property
-    def decodes_boxes_together(self) -> bool:
-        return self.fast or self.batch_boxes_2d
+    def boxes_per_decoder_call(self, n_boxes: int) -> int:
+        """2D boxes per decoder call: ``decoder_batch`` on the fast path; on the faithful path all of
+        them with ``batch_boxes_2d`` (src/infer.py), else one (the challenge/Docker scripts)."""
+        if self.fast:
+            return int(self.decoder_batch)
+        return max(1, n_boxes) if self.batch_boxes_2d else 1
 
 
 EXECUTION_PATHS = ("faithful", "fast")
@@ -438,10 +448,8 @@ class BoxPromptEngine:
             tensor, new_size = pp.preprocess_image(rgb, cfg.input_size, cfg.resize)
             embedding = self.encode(tensor)
             prompts = np.stack([pp.scale_box(b, original_size, cfg.prompt_size) for b in boxes])
-            if cfg.decodes_boxes_together:
-                groups = [np.arange(len(prompts))]
-            else:
-                groups = [np.array([i]) for i in range(len(prompts))]
+            step = cfg.boxes_per_decoder_call(len(prompts))
+            groups = [np.arange(i, min(i + step, len(prompts))) for i in range(0, len(prompts), step)]
             for group in groups:
                 low_res = self.decode(embedding, prompts[group])
                 for row, i in enumerate(group):  # postprocess one box at a time (same numbers, less memory)

@@ -239,10 +239,9 @@ def test_segmenter_backend_same_masks_as_torch(backend, litemedsam_real, torch_s
             else:
                 _assert_same_masks(segs, ref, 0.99, what)
         stats = seg.engine.stats
-        if path == "fast":  # 6 boxes in one call, then one call per slice; one slice per encoder call
-            assert stats.decoder_calls == 1 + 5 and stats.encoder_batches == [1] * 6, stats
-        else:
-            assert stats.decoder_calls == 6 + 5 and stats.encoder_batches == [1] * 6, stats
+        # one call per 2D box (the fast path's default decoder batch is 1), then one per slice; one
+        # image or slice per encoder call
+        assert stats.decoder_calls == 6 + 5 and stats.encoder_batches == [1] * 6, stats
 
 
 # ============================================================================ the cache

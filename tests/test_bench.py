@@ -27,9 +27,10 @@ CASES = ("2DBox_US_hc18-158.npz", "3DBox_CT_sts025.npz")
 
 
 def test_variant_names_round_trip_and_bad_parts_are_named():
-    for text in ("faithful", "fast", "fast+bf16", "fast+openvino+b1", "faithful+onnxruntime"):
+    for text in ("faithful", "fast", "fast+bf16", "fast+openvino+b1", "faithful+onnxruntime", "fast+b4+d8"):
         assert Variant.parse(text).name == text
     assert Variant.parse("fast+b2+bf16") == Variant(path="fast", precision="bf16", encoder_batch=2)
+    assert Variant.parse("fast+d35") == Variant(path="fast", decoder_batch=35)
     with pytest.raises(ValueError, match="must start with a path"):
         Variant.parse("bf16")
     with pytest.raises(ValueError, match="unknown part 'fp16'"):

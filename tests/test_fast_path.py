@@ -85,18 +85,31 @@ def test_faithful_is_the_default_and_fast_variant_changes_only_the_path():
 
 # ============================================================================ 2D
 @pytest.mark.parametrize("name", ["litemedsam_cvpr24", "mfs_docker_256"])
-def test_2d_fast_decodes_all_boxes_in_one_call_same_segs(name):
+@pytest.mark.parametrize("decoder_batch, calls", [(1, 4), (3, 2), (4, 1), (64, 1)])
+def test_2d_fast_decodes_boxes_in_batches_same_segs(name, decoder_batch, calls):
+    """The fast path decodes ``decoder_batch`` boxes per call (default 1: fastest on CPU), in order."""
     config = CONFIGS[name]
     img = np.random.default_rng(0).integers(1, 255, (256, 200), dtype=np.uint8)
     boxes = np.array([[10, 10, 100, 100], [50, 50, 150, 150], [0, 120, 60, 250], [70, 20, 90, 40]])
     faithful, f_engine, f_model = _run(config, img, boxes)
-    fast, engine, model = _run(config.fast_variant(), img, boxes)
+    fast, engine, model = _run(config.fast_variant(decoder_batch=decoder_batch), img, boxes)
     np.testing.assert_array_equal(fast, faithful)
-    assert f_model.mask_decoder.calls == 4 and model.mask_decoder.calls == 1
-    assert engine.stats.decoder_calls == 1 and f_engine.stats.decoder_calls == 4
+    assert f_model.mask_decoder.calls == 4 and model.mask_decoder.calls == calls
+    assert engine.stats.decoder_calls == calls and f_engine.stats.decoder_calls == 4
     assert engine.stats.encoder_calls == f_engine.stats.encoder_calls == 1
     assert model.prompt_encoder.seen == f_model.prompt_encoder.seen
-    assert _run(config.fast_variant(), img, np.zeros((0, 4)))[0].max() == 0
+    assert _run(config.fast_variant(decoder_batch=decoder_batch), img, np.zeros((0, 4)))[0].max() == 0
+
+
+def test_decoder_batch_defaults():
+    """One box per call on the fast path by default; the faithful path as upstream: all boxes in one
+    call for src/infer.py (batch_boxes_2d), one per call for the challenge/Docker scripts."""
+    assert LITEMEDSAM_CVPR24.fast_variant().boxes_per_decoder_call(35) == 1
+    assert LITEMEDSAM_CVPR24.boxes_per_decoder_call(35) == 1
+    assert MEDFICIENTSAM_SRC_INFER.boxes_per_decoder_call(35) == 35
+    assert MEDFICIENTSAM_SRC_INFER.fast_variant(decoder_batch=8).boxes_per_decoder_call(35) == 8
+    with pytest.raises(ValueError, match="decoder_batch"):
+        PipelineConfig(decoder_batch=0)
 
 
 # ============================================================================ 3D
@@ -250,7 +263,7 @@ def test_runner_passes_the_choices_and_stores_each_variant_as_its_own_tagged_ent
     from harness import Reported, SegmenterSpec, hookimpl
     from harness.cli import build_parser
     from harness.pluginmanager import HarnessPlugins
-    from harness.runner import RunConfig, run
+    from harness.runner import RunConfig, choice_defaults, run
     from harness.specs import ENGINE_CHOICES
     from helpers import DEMO
     from leaderboard import render_markdown
@@ -286,9 +299,12 @@ def test_runner_passes_the_choices_and_stores_each_variant_as_its_own_tagged_ent
     for path, precision in (("faithful", "fp32"), ("fast", "fp32"), ("fast", "bf16")):
         run(RunConfig(models=["pathy", "plain"], data_dir=DEMO, out_dir=out, limit=2, path=path,
                       precision=precision, progress=False), plugins)
-    # every variant of pathy ran; plain honours no choices, so its finished cases were not run again
-    assert seen == [("faithful", "fp32", "torch"), ("faithful", "fp32", "torch"), ("fast", "fp32", "torch"),
-                    ("fast", "bf16", "torch")]
+    # every variant of pathy ran; plain honours no choices, so its finished cases were not run again.
+    # Loaders get the backend --backend auto resolved to: torch on the faithful path, on the fast path
+    # openvino where installed, else torch
+    fast_backend = choice_defaults()["backend"]
+    assert seen == [("faithful", "fp32", "torch"), ("faithful", "fp32", "torch"), ("fast", "fp32", fast_backend),
+                    ("fast", "bf16", fast_backend)]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by_entry = {}
     for r in records:
@@ -305,7 +321,7 @@ def test_runner_passes_the_choices_and_stores_each_variant_as_its_own_tagged_ent
 
     assert build_parser().parse_args(["run", "--models", "x"]).path == "fast"
     args = build_parser().parse_args(["run", "--models", "x", "--path", "faithful", "--precision", "bf16"])
-    assert (args.path, args.precision, args.backend) == ("faithful", "bf16", "torch")
+    assert (args.path, args.precision, args.backend) == ("faithful", "bf16", "auto")
 
 
 # ============================================================================ real models
@@ -344,9 +360,9 @@ def test_real_models_fast_same_masks_as_faithful(name, two_threads, capsys):
             imgs, boxes = npz["imgs"], npz["boxes"]
         runs = {}
         for label in EXECUTION_PATHS:
-            # batches of 4 slices: the batched encoder must give the same masks as well
+            # batches of 4 slices and of all 2D boxes: batched calls must give the same masks as well
             engine = BoxPromptEngine(model, config.for_path(label) if label == "faithful"
-                                     else config.fast_variant(encoder_batch=4))
+                                     else config.fast_variant(encoder_batch=4, decoder_batch=len(boxes)))
             start = time.perf_counter()
             segs = engine.segment(imgs, boxes)
             runs[label] = (segs, engine.stats, time.perf_counter() - start)

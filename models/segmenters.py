@@ -30,8 +30,10 @@ class TorchSegmenter:
         file's hash.  When ``"auto"`` picked openvino and the export or compile fails, the segmenter
         warns and runs on torch (``describe()["backend_fallback"]`` says why); an explicitly named
         backend that fails raises.  The segmenter owns ``model``: on the fast torch path it is
-        rewritten in place (BatchNorm folded into convs, :mod:`models.optimize`), so pass a copy to
-        keep the original."""
+        rewritten in place (BatchNorm folded into convs, :mod:`models.optimize`); on an export
+        backend its weights are released once exported (the module is moved to the ``meta`` device:
+        the graphs hold the weights, and a second copy would cost memory), and :meth:`describe`
+        still counts its parameters and FLOPs.  Pass a copy to keep the original."""
         from models.backends import resolve_backend
 
         if path is not None:
@@ -67,6 +69,8 @@ class TorchSegmenter:
                               "running on torch", RuntimeWarning, stacklevel=2)
                 self.extra["backend_fallback"] = reason
                 self.backend, executor = "torch", self.model
+            else:
+                self.model.to("meta")  # shapes without storage: enough to count parameters and FLOPs
         has_batchnorm = any(isinstance(m, torch.nn.BatchNorm2d) for m in self.model.modules())
         if config.fast and self.backend == "torch" and ((config.fold_batchnorm and has_batchnorm) or config.channels_last):
             self._facts = (count_parameters(self.model), measure_compute(self.model, config.input_size))

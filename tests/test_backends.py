@@ -223,8 +223,13 @@ def test_segmenter_backend_same_masks_as_torch(backend, litemedsam_real, torch_s
     model, weights = litemedsam_real
     fingerprint = backends.model_fingerprint(model)
     for path in EXECUTION_PATHS:
-        seg = TorchSegmenter("litemedsam", model, LITEMEDSAM_CVPR24, weights, path=path, backend=backend)
-        assert backends.model_fingerprint(model) == fingerprint  # exported as loaded, not rewritten
+        original = copy.deepcopy(model)
+        seg = TorchSegmenter("litemedsam", original, LITEMEDSAM_CVPR24, weights, path=path, backend=backend)
+        # exported as loaded (the cache folder's fingerprint is the loaded weights'), then released
+        assert seg.engine.model.folder.name.endswith(fingerprint[:16])
+        assert seg.model is original and all(p.is_meta for p in original.parameters())
+        facts = seg.describe()
+        assert facts["params"] == 9_791_300 and 38e9 < facts["flops"] < 41e9 and facts["backend"] == backend
         executor = seg.engine.model
         assert executor.backend == backend and seg.engine.config.path == path
         # TorchSegmenter keys the cache by the weights' sha256, under $HARNESS_CACHE_DIR/exports

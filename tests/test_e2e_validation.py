@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from harness.cases import load_case
+from harness.runner import choice_defaults
 from helpers import harness_cli
 from reference import require_data
 
@@ -36,6 +37,8 @@ def test_litemedsam_and_boxfill_on_real_cases(tmp_path):
         assert segs.dtype == np.uint16 and segs.shape == case.spatial_shape
         assert set(np.unique(segs)) <= set(range(case.n_boxes + 1))
         assert rec["seconds"] > 0 and rec["peak_rss_mb"] > 100 and rec["threads"] == 2
+        # the defaults: the fast path on the backend --backend auto picks (openvino where installed)
+        assert (rec["path"], rec["precision"], rec["backend"]) == ("fast", "fp32", choice_defaults()["backend"])
 
     # A real model on real images: better than echoing the prompt, on average.
     mean = lambda recs, key: float(np.mean([r[key] for r in recs.values()]))  # noqa: E731
@@ -48,6 +51,7 @@ def test_litemedsam_and_boxfill_on_real_cases(tmp_path):
     assert models["litemedsam"]["weights_sha256"].startswith(LITE_MEDSAM_SHA256)
     board = (out / "leaderboard.md").read_text()
     assert "| LiteMedSAM" in board and "| Box fill (baseline)" in board and "## Per modality" in board
+    assert f"ran the defaults: the fast execution path, fp32, backend {choice_defaults()['backend']}" in board
 
     again = harness_cli(args)  # resume: nothing left to do
     assert again.returncode == 0 and "0 cases done, 0 errors, 12 already finished" in again.stdout

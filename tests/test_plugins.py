@@ -186,7 +186,7 @@ def test_litemedsam_weights_override(tmp_path):
 
     path = tmp_path / "seed0.pth"
     torch.save(make_state_dict("lite_medsam", 0), path)
-    segmenter = load(LoadOptions(weights=path, threads=2))
+    segmenter = load(LoadOptions(weights=path, threads=2, backend="torch"))  # the torch model, as loaded
     info = segmenter.describe()
     assert info["weights"] == str(path) and info["params"] == 9_791_300 and info["pipeline"] == "litemedsam_cvpr24"
     expected = make_state_dict("lite_medsam", 0)["mask_decoder.iou_prediction_head.layers.0.weight"]

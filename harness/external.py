@@ -81,7 +81,7 @@ def parse_memory(text: str) -> int:
 
 def check_config(config) -> None:
     """Refuse settings the chosen runner cannot honour, before any work."""
-    from harness.runner import choice_defaults, resolved
+    from harness.runner import changed_choices, choice_defaults
 
     if config.runner not in RUNNERS:
         raise RunnerError(f"unknown runner {config.runner!r}; expected one of {', '.join(RUNNERS)}")
@@ -95,14 +95,10 @@ def check_config(config) -> None:
     if config.runner != "docker":
         return
     parse_memory(config.memory)
-    built = choice_defaults(config.device)  # what the harness's images run
-    config = resolved(config)
-    same_path = {**built, "backend": choice_defaults(config.device, config.path)["backend"]}  # auto on this path
-    changed = [f"--{key} {getattr(config, key)}" for key, default in same_path.items()
-               if getattr(config, key) != default]
+    changed = [f"--{key} {value}" for key, value in changed_choices(config).items()]
     if changed:
         raise RunnerError(f"--runner docker runs an image's predict.sh as built (the defaults: "
-                          f"{', '.join(built.values())}); "
+                          f"{', '.join(choice_defaults(config.device).values())}); "
                           f"{', '.join(changed)} cannot be passed into it")
     if config.device != "cpu":
         raise RunnerError("--runner docker runs on the CPU, as the challenge does (no GPUs are passed in)")

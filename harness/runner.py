@@ -108,14 +108,19 @@ def resolved(config: "RunConfig") -> "RunConfig":
     return config if backend == config.backend else dataclasses.replace(config, backend=backend)
 
 
-def variant_tags(spec: SegmenterSpec, config: "RunConfig") -> list[str]:
-    """What sets this run of ``spec`` apart from the defaults (:func:`choice_defaults`, in this
-    process), as short tags: only the choices ``spec.choices`` honours, then the runner.  The backend
-    is compared with what ``auto`` picks for the run's path, so ``--path faithful`` (torch) is tagged
-    ``[faithful]`` alone."""
+def changed_choices(config: "RunConfig") -> dict[str, str]:
+    """The execution choices (path, precision, backend) this run sets away from :func:`choice_defaults`,
+    in that order.  The backend is compared with what ``auto`` picks for the run's path, so
+    ``--path faithful`` (which runs torch) is one change, not two."""
     config = resolved(config)
-    tags = [getattr(config, key) for key, default in choice_defaults(config.device, config.path).items()
-            if key in spec.choices and getattr(config, key) != default]
+    return {key: getattr(config, key) for key, default in choice_defaults(config.device, config.path).items()
+            if getattr(config, key) != default}
+
+
+def variant_tags(spec: SegmenterSpec, config: "RunConfig") -> list[str]:
+    """What sets this run of ``spec`` apart from the defaults (:func:`changed_choices`, in this
+    process), as short tags: only the choices ``spec.choices`` honours, then the runner."""
+    tags = [value for key, value in changed_choices(config).items() if key in spec.choices]
     if config.runner != RUNNER:
         tags.append(config.runner)
     return tags

@@ -17,7 +17,7 @@ and returns an :class:`ExportedSAM` that the engine uses in place of the torch m
 **Exporter.**  The graphs are exported with ``torch.onnx.export(..., dynamo=True)``: the
 ``torch.export``-based exporter, the default and recommended one since torch 2.9.  It needs the
 packages ``onnx`` and ``onnxscript``.  The TorchScript exporter (``dynamo=False``) still exists in
-torch 2.13 but warns that it is deprecated, so it is not used.  Dynamic batch dimensions are
+torch 2.13 but warns that it is deprecated, so it is not used.  The decoder's dynamic box count is
 declared with ``torch.export.Dim``.  The default opset of the exporter is kept and recorded in the
 manifest.
 

@@ -57,8 +57,7 @@ def _require(*packages: str) -> None:
 
 def _backend_param(backend: str, *names: str):
     """``pytest.param(*names, backend)``, skipped with the reason when the backend is not installed."""
-    needs = [backend, "onnx", "onnxscript"]
-    missing = [p for p in needs if not _available(p)]
+    missing = backends.missing_packages(backend)
     reason = f"backend {backend} needs {', '.join(missing)} (pip install 'medsam-harness[backends]')"
     return pytest.param(*names, backend, marks=pytest.mark.skipif(bool(missing), reason=reason),
                         id="-".join((*names, backend)))

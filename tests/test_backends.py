@@ -177,6 +177,60 @@ def test_openvino_precision_is_explicit(seeded_models, export_root):
     assert cosine > 0.99, float(cosine)
 
 
+def _resident_kb(path: Path) -> int:
+    """This process's resident kB of the mappings of file ``path`` (/proc/self/smaps)."""
+    target, total, inside = str(path.resolve()), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            inside = len(fields) == 6 and fields[5] == target
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_release_mapped_pages(tmp_path):
+    """Read-only mappings of the file lose their resident pages and still read the same bytes;
+    a writable mapping (and its unsaved change) is left alone."""
+    import mmap
+
+    data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    copy_path = tmp_path / "copy.bin"
+    copy_path.write_bytes(data)
+    with path.open("rb") as f, copy_path.open("r+b") as g:
+        ro = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        rw = mmap.mmap(g.fileno(), 0, access=mmap.ACCESS_WRITE)
+        assert ro[:] == data and rw[:] == data  # every page touched
+        rw[0] = (data[0] + 1) % 256
+        assert _resident_kb(path) >= 8 << 10
+        assert backends.release_mapped_pages(path) >= len(data)
+        assert _resident_kb(path) < 1 << 10
+        assert ro[:] == data  # faults back in, unchanged
+        assert backends.release_mapped_pages(copy_path) == 0
+        assert _resident_kb(copy_path) >= 8 << 10 and rw[0] == (data[0] + 1) % 256
+        ro.close()
+        rw.close()
+    assert backends.release_mapped_pages(tmp_path / "absent.bin") == 0
+
+
+def test_openvino_releases_the_ir_weights_pages(seeded_models, export_root):
+    """After compiling, the IR's weights file is not counted twice in RSS: its mapped pages are given
+    back (:func:`models.backends.release_mapped_pages`); the plugin keeps its repacked copy, and
+    the graph still computes the torch embedding."""
+    _require("openvino", "onnx", "onnxscript")
+    model, images, expected = seeded_models("l0")
+    exported = compile_backend("openvino", model, 512, cache_key="l0-seed0", cache_dir=export_root)
+    weights = exported.folder / "encoder.bin"
+    assert exported._encoder.released_bytes >= weights.stat().st_size
+    assert _resident_kb(weights) < weights.stat().st_size // 1024 // 2
+    with torch.inference_mode():
+        embedding = exported.image_encoder(images[:1])
+    assert rel_dev(embedding, expected[:1].numpy()) <= REL_TOL, rel_dev(embedding, expected[:1].numpy())
+
+
 # ============================================================================ end to end
 def _load_case(name: str):
     """A real demo case, made small: the 2D case's first 6 boxes; the 3D case's slices 5-9 with its

@@ -19,7 +19,9 @@ and returns an :class:`ExportedSAM` that the engine uses in place of the torch m
 packages ``onnx`` and ``onnxscript``.  The TorchScript exporter (``dynamo=False``) still exists in
 torch 2.13 but warns that it is deprecated, so it is not used.  The decoder's dynamic box count is
 declared with ``torch.export.Dim``.  The default opset of the exporter is kept and recorded in the
-manifest.
+manifest.  The export and the conversion to IR run in a child Python process (:func:`_run_job`): the
+exporter keeps its memory (285 MB for L0) until the process exits, and the harness's process, which
+then runs every case, should not carry that.
 
 **OpenVINO** converts the exported ONNX graphs (``openvino.convert_model`` on the ``.onnx`` file) and
 saves them as IR (``openvino.save_model``, ``compress_to_fp16=False``: the weights stay float32).
@@ -64,8 +66,11 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -287,13 +292,19 @@ def _import_backend(backend: str) -> None:
                           f"or {_INSTALL_HINT}") from error
 
 
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported, without importing it (a None in sys.modules blocks it)."""
+    import importlib.util
+
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
+
 def _import_exporter() -> None:
-    missing = []
-    for package in ("onnx", "onnxscript"):
-        try:
-            __import__(package)
-        except ImportError:
-            missing.append(package)
+    """Fail early, in this process, when the exporter's packages are missing (the export itself runs
+    in a child process: :func:`_export_onnx`)."""
+    missing = [package for package in ("onnx", "onnxscript") if not _installed(package)]
     if missing:
         raise ImportError(f"exporting to ONNX (torch.onnx.export, dynamo exporter) needs {', '.join(missing)}: "
                           f"pip install {' '.join(missing)}, or {_INSTALL_HINT}")
@@ -377,8 +388,73 @@ class _BoxDecoder(nn.Module):
 
 
 def _export_onnx(model: nn.Module, input_size: int, out: Path) -> dict:
-    """Export the encoder (batch 1) and the box decoder (dynamic box count) to ``out``."""
+    """Export the encoder (batch 1) and the box decoder (dynamic box count) to ``out``, in a child
+    process (:func:`_run_job`)."""
     _import_exporter()
+    return _run_job("onnx", out, model=model, input_size=input_size)
+
+
+def _convert_openvino(onnx_dir: Path, out: Path) -> dict:
+    """Convert the ONNX graphs of ``onnx_dir`` to OpenVINO IR (float32 weights) in ``out``, in a
+    child process (:func:`_run_job`)."""
+    return _run_job("openvino", out, onnx_dir=str(onnx_dir))
+
+
+def _run_job(job: str, out: Path, **request) -> dict:
+    """Run an export job in a fresh Python process and return its manifest facts.
+
+    The exporter does not give its memory back: onnxscript's rewrite rules keep the last graph they
+    matched, with the model's weights, in module globals, and the allocator keeps the rest. Exporting
+    L0 in the harness's own process left it 285 MB larger for the whole run, and MedSAM's first run
+    peaked 65% above the faithful path. A child process returns all of it when it exits. The model
+    goes to the child as a pickle (``torch.save``) in a temporary folder beside ``out``; a model
+    that cannot be pickled (a class defined inside a function) is exported in this process instead.
+    The child sees this process's ``sys.path`` and thread count; its error, or the tail of its
+    stderr when it dies, is raised here as RuntimeError."""
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=".job-", suffix=".tmp"))  # swept if left behind
+    try:
+        request = {"job": job, "out": str(out), "threads": torch.get_num_threads(), **request}
+        try:
+            torch.save(request, work / "request.pt")
+        except (pickle.PicklingError, AttributeError, TypeError):
+            return _do_job(request)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        done = subprocess.run([sys.executable, "-c", "import models.backends as b; b._job_main()", str(work)],
+                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, errors="replace")
+        result = work / "result.json"
+        if not result.is_file():
+            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+            raise RuntimeError(f"the {job} export process exited with status {done.returncode} and no result:\n{tail}")
+        answer = json.loads(result.read_text())
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer["facts"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _job_main() -> None:
+    """Entry of the child process of :func:`_run_job`: ``argv[1]`` is its work folder."""
+    work = Path(sys.argv[1])
+    request = torch.load(work / "request.pt", weights_only=False)  # written by our parent a moment ago
+    torch.set_num_threads(max(1, int(request["threads"])))
+    try:
+        answer = {"facts": _do_job(request)}
+    except Exception as error:  # noqa: BLE001 - the parent raises it
+        answer = {"error": str(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}"}
+    (work / "result.json").write_text(json.dumps(answer))
+
+
+def _do_job(request: dict) -> dict:
+    out = Path(request["out"])
+    if request["job"] == "onnx":
+        return _export_onnx_here(request["model"], int(request["input_size"]), out)
+    return _convert_openvino_here(Path(request["onnx_dir"]), out)
+
+
+def _export_onnx_here(model: nn.Module, input_size: int, out: Path) -> dict:
+    """Export the encoder (batch 1) and the box decoder (dynamic box count) to ``out`` in this process."""
     name = _model_name(model)
     try:
         device = next(model.parameters()).device
@@ -417,8 +493,8 @@ def _export_onnx(model: nn.Module, input_size: int, out: Path) -> dict:
             "opset": opset, "onnx": onnx.__version__}
 
 
-def _convert_openvino(onnx_dir: Path, out: Path) -> dict:
-    """Convert the ONNX graphs of ``onnx_dir`` to OpenVINO IR (float32 weights) in ``out``."""
+def _convert_openvino_here(onnx_dir: Path, out: Path) -> dict:
+    """Convert the ONNX graphs of ``onnx_dir`` to OpenVINO IR (float32 weights) in ``out`` in this process."""
     import openvino as ov
 
     for part in ("encoder", "decoder"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -415,6 +416,54 @@ def test_publication_is_atomic(tmp_path):
     (target / "encoder.onnx").unlink()  # damaged by hand
     with pytest.raises(RuntimeError, match="incomplete"):
         backends._ensure_folder(target, failing, "key")
+
+
+def test_export_runs_in_a_child_process(tmp_path):
+    """The exporter never enters the harness's process (it keeps its memory: models/backends.py
+    _run_job); the child's errors come back as RuntimeError naming what failed."""
+    _require("openvino", "onnx", "onnxscript")
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from test_backends import _tiny_model\n"
+              "from models.backends import compile_backend\n"
+              "ex = compile_backend('openvino', _tiny_model(0), 256, cache_key='tiny', cache_dir=sys.argv[1])\n"
+              "assert ex.exported\n"
+              "print(sorted(m for m in ('onnx', 'onnxscript') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert {p.name.split("-")[0] for p in (tmp_path / "tiny").iterdir()} == {"onnx", "openvino"}
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(RuntimeError, match=r"missing/encoder.onnx: converting to OpenVINO IR failed"):
+        backends._run_job("openvino", out, onnx_dir=str(tmp_path / "missing"))
+    assert not list(tmp_path.glob(".job-*"))  # the job's folder is gone
+
+
+def test_export_process_that_dies_is_reported(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match="the openvino export process exited with status 1 and no result"):
+        backends._run_job("openvino", out, onnx_dir=str(tmp_path))
+
+
+def test_unpicklable_model_exports_in_this_process(tmp_path):
+    """A model the child cannot receive (its class is local to a function) is exported here."""
+    _require("onnxruntime", "onnx", "onnxscript")
+
+    class LocalSAM(PromptableSAM):
+        pass
+
+    model = _tiny_model(0)
+    model.__class__ = LocalSAM
+    image = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        expected = model.image_encoder(image)
+    executor = compile_backend("onnxruntime", model, 256, cache_key="local", cache_dir=tmp_path)
+    assert executor.exported
+    with torch.inference_mode():
+        assert rel_dev(executor.image_encoder(image), expected.numpy()) <= REL_TOL
 
 
 # ============================================================================ errors

@@ -90,18 +90,15 @@ class Variant:
 
 
 def default_variants() -> list[Variant]:
-    """faithful, fast, and where this machine can: fast+bf16 and each installed export backend."""
+    """faithful, fast, and where this machine can: fast+bf16 and each export backend whose packages
+    (runtime and exporter: :func:`models.backends.missing_packages`) are all installed."""
+    from models.backends import BACKENDS, missing_packages
     from models.engine import cpu_bf16_support
 
     names = ["faithful", "fast"]
     if cpu_bf16_support():
         names.append("fast+bf16")
-    for backend in ("onnxruntime", "openvino"):
-        try:
-            __import__(backend)
-        except ImportError:
-            continue
-        names.append(f"fast+{backend}")
+    names += [f"fast+{backend}" for backend in BACKENDS if not missing_packages(backend)]
     return [Variant.parse(n) for n in names]
 
 

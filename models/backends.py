@@ -408,7 +408,8 @@ def _run_job(job: str, out: Path, **request) -> dict:
     L0 in the harness's own process left it 285 MB larger for the whole run, and MedSAM's first run
     peaked 65% above the faithful path. A child process returns all of it when it exits. The model
     goes to the child as a pickle (``torch.save``) in a temporary folder beside ``out``; a model
-    that cannot be pickled (a class defined inside a function) is exported in this process instead.
+    that cannot be pickled (a class defined inside a function) or that the child cannot unpickle (a
+    class of the parent's ``__main__`` script) is exported in this process instead.
     The child sees this process's ``sys.path`` and thread count; its error, or the tail of its
     stderr when it dies, is raised here as RuntimeError."""
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=".job-", suffix=".tmp"))  # swept if left behind
@@ -427,6 +428,8 @@ def _run_job(job: str, out: Path, **request) -> dict:
             tail = "\n".join(done.stderr.strip().splitlines()[-15:])
             raise RuntimeError(f"the {job} export process exited with status {done.returncode} and no result:\n{tail}")
         answer = json.loads(result.read_text())
+        if "unloadable" in answer:  # the child cannot import the model's class (the parent's __main__)
+            return _do_job(request)
         if "error" in answer:
             raise RuntimeError(answer["error"])
         return answer["facts"]
@@ -437,12 +440,16 @@ def _run_job(job: str, out: Path, **request) -> dict:
 def _job_main() -> None:
     """Entry of the child process of :func:`_run_job`: ``argv[1]`` is its work folder."""
     work = Path(sys.argv[1])
-    request = torch.load(work / "request.pt", weights_only=False)  # written by our parent a moment ago
-    torch.set_num_threads(max(1, int(request["threads"])))
     try:
-        answer = {"facts": _do_job(request)}
-    except Exception as error:  # noqa: BLE001 - the parent raises it
-        answer = {"error": str(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}"}
+        request = torch.load(work / "request.pt", weights_only=False)  # written by our parent a moment ago
+    except Exception as error:  # noqa: BLE001 - e.g. a class of the parent's __main__: it exports instead
+        answer = {"unloadable": f"{type(error).__name__}: {error}"}
+    else:
+        torch.set_num_threads(max(1, int(request["threads"])))
+        try:
+            answer = {"facts": _do_job(request)}
+        except Exception as error:  # noqa: BLE001 - the parent raises it
+            answer = {"error": str(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}"}
     (work / "result.json").write_text(json.dumps(answer))
 
 

@@ -440,6 +440,30 @@ def test_export_runs_in_a_child_process(tmp_path):
     assert not list(tmp_path.glob(".job-*"))  # the job's folder is gone
 
 
+def test_model_of_a_main_script_exports_in_this_process(tmp_path):
+    """A model class defined in the running script (``__main__``) pickles, but the child cannot import
+    it: the export then runs in the script's own process."""
+    _require("onnxruntime", "onnx", "onnxscript")
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "import torch\n"
+              "from test_backends import _tiny_model\n"
+              "from models.backends import compile_backend\n"
+              "from models.segmenter_module import PromptableSAM\n"
+              "class MainSAM(PromptableSAM):\n"
+              "    pass\n"
+              "model = _tiny_model(0)\n"
+              "model.__class__ = MainSAM\n"
+              "ex = compile_backend('onnxruntime', model, 256, cache_key='main', cache_dir=sys.argv[1])\n"
+              "x = torch.rand(1, 3, 256, 256)\n"
+              "with torch.no_grad():\n"
+              "    ref = model.image_encoder(x)\n"
+              "print(ex.exported, float((ex.image_encoder(x) - ref).abs().max() / ref.std()))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported, deviation = done.stdout.split()[-2:]
+    assert exported == "True" and float(deviation) <= REL_TOL, done.stdout
+
+
 def test_export_process_that_dies_is_reported(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()

@@ -37,6 +37,16 @@ def _weights_arg(values: list[str]) -> dict[str, Path]:
     return weights
 
 
+def _weights_dir(args: argparse.Namespace, command: str) -> Path | None:
+    """``--weights-dir`` as a Path (None when not given); a folder that does not exist stops the command."""
+    if not args.weights_dir:
+        return None
+    folder = Path(args.weights_dir).expanduser()
+    if not folder.is_dir():
+        raise SystemExit(f"harness {command}: --weights-dir {folder}: no such folder")
+    return folder
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.external import RunnerError
     from harness.runner import RunConfig, run
@@ -49,9 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, path in weights.items():
         if not path.is_file():
             raise SystemExit(f"harness run: --weights {name}={path}: no such file")
-    weights_dir = Path(args.weights_dir).expanduser() if args.weights_dir else None
-    if weights_dir is not None and not weights_dir.is_dir():
-        raise SystemExit(f"harness run: --weights-dir {weights_dir}: no such folder")
+    weights_dir = _weights_dir(args, "run")
     config = RunConfig(
         models=models,
         data_dir=Path(args.data),
@@ -96,7 +104,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     plugins = HarnessPlugins()
     plugins.get(args.model)  # an unknown name fails here, with the known ones listed
     weights = split_weights(args.weights, args.model, set(plugins.segmenters()))
-    weights_dir = Path(args.weights_dir).expanduser() if args.weights_dir else None
+    weights_dir = _weights_dir(args, "predict")
     try:
         report = predict(args.model, args.inputs, args.outputs, weights=weights, weights_dir=weights_dir,
                          allow_pickle=args.allow_pickle, threads=args.threads, device=args.device,
@@ -130,8 +138,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         variants.insert(0, Variant())  # the reference every ratio and mask comparison needs
     config = BenchConfig(models=models, data_dir=Path(args.data), out_dir=Path(args.out), variants=variants,
                          repeat=args.repeat, limit=args.limit, multibox=args.multibox, threads=args.threads,
-                         weights=_weights_arg(args.weights),
-                         weights_dir=Path(args.weights_dir).expanduser() if args.weights_dir else None)
+                         weights=_weights_arg(args.weights), weights_dir=_weights_dir(args, "bench"),
+                         allow_pickle=args.allow_pickle)
     result = run_bench(config)
     print(render_markdown(result))
     print(f"bench tables in {config.out_dir / 'bench.md'}, raw figures in {config.out_dir / 'bench.json'}")
@@ -296,6 +304,27 @@ def _add_execution_choices(p: argparse.ArgumentParser) -> None:
                         "model, the fastest), else torch; the faithful path runs on torch")
 
 
+_WEIGHTS_HELP = ("weights file per model, e.g. --weights medsam=medsam_vit_b.pth l0=best.ckpt (state_dict, "
+                 "medficientsam Lightning .ckpt or medsam-harness weights); a name not in --models supplies a "
+                 "part (medsam=PATH completes a distilled student); default: the model's bundled weights or "
+                 "--weights-dir")
+
+
+def _add_model_sources(p: argparse.ArgumentParser, weights_metavar: str = "NAME=PATH",
+                       weights_help: str = _WEIGHTS_HELP) -> None:
+    """--weights, --weights-dir, --allow-pickle and --threads: where a command finds its models' weights
+    and how many threads it runs them on (run, predict and bench take the same)."""
+    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar=weights_metavar, help=weights_help)
+    p.add_argument("--weights-dir", default=None, metavar="DIR",
+                   help="folder to look up weights in: NAME.pt|.pth|.ckpt, NAME/model.pt or the upstream "
+                        "file names (medsam_vit_b.pth, finetuned-l0-augmented/best.ckpt, ...); "
+                        "default: $HARNESS_WEIGHTS_DIR")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load whole-module pickles (medficientsam's model.pth); this runs code "
+                        "from the file: only for files you trust")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harness",
@@ -315,19 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="output folder (default: ./results)")
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="at most N cases, taken round-robin over modalities (for quick checks)")
-    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH",
-                   help="weights file per model, e.g. --weights medsam=medsam_vit_b.pth l0=best.ckpt "
-                        "(state_dict, medficientsam Lightning .ckpt or medsam-harness weights); a name "
-                        "not in --models supplies a part (medsam=PATH completes a distilled student); "
-                        "default: the model's bundled weights or --weights-dir")
-    p.add_argument("--weights-dir", default=None, metavar="DIR",
-                   help="folder to look up weights in: NAME.pt|.pth|.ckpt, NAME/model.pt or the upstream "
-                        "file names (medsam_vit_b.pth, finetuned-l0-augmented/best.ckpt, ...); "
-                        "default: $HARNESS_WEIGHTS_DIR")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="also load whole-module pickles (medficientsam's model.pth); this runs code "
-                        "from the file: only for files you trust")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
+    _add_model_sources(p)
     _add_execution_choices(p)
     p.add_argument("--runner", choices=("native", "subprocess", "docker"), default=None,
                    help="native: in this process, a case's time is its segmentation (default); subprocess: one "
@@ -357,11 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="segmenter name (see `harness plugins`)")
     p.add_argument("-i", "--inputs", required=True, help="folder of <case>.npz files (or with imgs/*.npz)")
     p.add_argument("-o", "--outputs", required=True, help="folder to write <case>.npz segmentations into")
-    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="PATH|NAME=PATH",
-                   help="the model's weights file; NAME=PATH supplies a part from another segmenter (as in run)")
-    p.add_argument("--weights-dir", default=None, metavar="DIR", help="folder to look up weights in (as in run)")
-    p.add_argument("--allow-pickle", action="store_true", help="also load whole-module pickles (as in run)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
+    _add_model_sources(p, "PATH|NAME=PATH", "the model's weights file; NAME=PATH supplies a part from another "
+                                            "segmenter (medsam=PATH completes a distilled student)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     _add_execution_choices(p)
     p.set_defaults(func=cmd_predict)
@@ -383,10 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, help="at most N cases of --data")
     p.add_argument("--multibox", type=int, default=6,
                    help="boxes of the synthetic multi-box 3D case built on the largest CT volume (0: none; default 6)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
-    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH",
-                   help="weights file per model, as for `harness run`")
-    p.add_argument("--weights-dir", default=None, metavar="DIR", help="folder to look up weights in, as for `harness run`")
+    _add_model_sources(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("score", help="challenge DSC/NSD of a segs folder against a gts folder",

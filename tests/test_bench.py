@@ -128,3 +128,26 @@ def test_bench_cli_rejects_a_bad_variant(capsys):
 
     with pytest.raises(SystemExit, match="unknown part"):
         main(["bench", "--models", "boxfill", "--variants", "fast+fp16"])
+
+
+def test_bench_cli_takes_the_model_sources_run_takes(tmp_path, monkeypatch):
+    """--weights, --weights-dir, --allow-pickle and --threads reach the bench as they reach a run."""
+    import harness.benchmark as benchmark
+    from harness.cli import main
+
+    seen = []
+
+    def fake_bench(config):
+        seen.append(config)
+        return {}
+
+    monkeypatch.setattr(benchmark, "run_bench", fake_bench)
+    monkeypatch.setattr(benchmark, "render_markdown", lambda result: "")
+    weights = tmp_path / "l0.pth"
+    assert main(["bench", "--models", "l0", "--variants", "faithful", "--weights", f"l0={weights}",
+                 "--weights-dir", str(tmp_path), "--allow-pickle", "--threads", "1"]) == 0
+    config = seen[0]
+    assert (config.weights, config.weights_dir, config.allow_pickle, config.threads) == (
+        {"l0": weights}, tmp_path, True, 1)
+    with pytest.raises(SystemExit, match=r"harness bench: --weights-dir .*absent: no such folder"):
+        main(["bench", "--models", "l0", "--weights-dir", str(tmp_path / "absent")])

@@ -418,19 +418,28 @@ def test_publication_is_atomic(tmp_path):
         backends._ensure_folder(target, failing, "key")
 
 
+def _run_script(tmp_path: Path, body: str) -> str:
+    """Run ``body`` as a fresh script (its own ``__main__``; ``sys.argv[1]`` = ``tmp_path``), with torch,
+    ``compile_backend`` and this module's ``_tiny_model`` imported; return its stdout."""
+    head = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "import torch\n"
+            "from test_backends import _tiny_model\n"
+            "from models.backends import compile_backend\n")
+    done = subprocess.run([sys.executable, "-c", head + body, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_export_runs_in_a_child_process(tmp_path):
     """The exporter never enters the harness's process (it keeps its memory: models/backends.py
     _run_job); the child's errors come back as RuntimeError naming what failed."""
     _require("openvino", "onnx", "onnxscript")
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-              "from test_backends import _tiny_model\n"
-              "from models.backends import compile_backend\n"
-              "ex = compile_backend('openvino', _tiny_model(0), 256, cache_key='tiny', cache_dir=sys.argv[1])\n"
-              "assert ex.exported\n"
-              "print(sorted(m for m in ('onnx', 'onnxscript') if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    stdout = _run_script(tmp_path, "ex = compile_backend('openvino', _tiny_model(0), 256, cache_key='tiny', "
+                                   "cache_dir=sys.argv[1])\n"
+                                   "assert ex.exported\n"
+                                   "print(sorted(m for m in ('onnx', 'onnxscript') if m in sys.modules))\n")
+    assert stdout.strip().splitlines()[-1] == "[]"
     assert {p.name.split("-")[0] for p in (tmp_path / "tiny").iterdir()} == {"onnx", "openvino"}
 
     out = tmp_path / "out"
@@ -444,24 +453,19 @@ def test_model_of_a_main_script_exports_in_this_process(tmp_path):
     """A model class defined in the running script (``__main__``) pickles, but the child cannot import
     it: the export then runs in the script's own process."""
     _require("onnxruntime", "onnx", "onnxscript")
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-              "import torch\n"
-              "from test_backends import _tiny_model\n"
-              "from models.backends import compile_backend\n"
-              "from models.segmenter_module import PromptableSAM\n"
-              "class MainSAM(PromptableSAM):\n"
-              "    pass\n"
-              "model = _tiny_model(0)\n"
-              "model.__class__ = MainSAM\n"
-              "ex = compile_backend('onnxruntime', model, 256, cache_key='main', cache_dir=sys.argv[1])\n"
-              "x = torch.rand(1, 3, 256, 256)\n"
-              "with torch.no_grad():\n"
-              "    ref = model.image_encoder(x)\n"
-              "print(ex.exported, float((ex.image_encoder(x) - ref).abs().max() / ref.std()))\n")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    exported, deviation = done.stdout.split()[-2:]
-    assert exported == "True" and float(deviation) <= REL_TOL, done.stdout
+    stdout = _run_script(tmp_path, "from models.segmenter_module import PromptableSAM\n"
+                                   "class MainSAM(PromptableSAM):\n"
+                                   "    pass\n"
+                                   "model = _tiny_model(0)\n"
+                                   "model.__class__ = MainSAM\n"
+                                   "ex = compile_backend('onnxruntime', model, 256, cache_key='main', "
+                                   "cache_dir=sys.argv[1])\n"
+                                   "x = torch.rand(1, 3, 256, 256)\n"
+                                   "with torch.no_grad():\n"
+                                   "    ref = model.image_encoder(x)\n"
+                                   "print(ex.exported, float((ex.image_encoder(x) - ref).abs().max() / ref.std()))\n")
+    exported, deviation = stdout.split()[-2:]
+    assert exported == "True" and float(deviation) <= REL_TOL, stdout
 
 
 def test_export_process_that_dies_is_reported(tmp_path, monkeypatch):

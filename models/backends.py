@@ -99,7 +99,8 @@ BACKENDS = ("onnxruntime", "openvino")
 AUTO = "auto"
 
 # What each backend needs to export a model and to run it.
-_NEEDS = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino", "onnx", "onnxscript")}
+_EXPORTER = ("onnx", "onnxscript")
+_NEEDS = {"onnxruntime": ("onnxruntime", *_EXPORTER), "openvino": ("openvino", *_EXPORTER)}
 
 # Bump when the exported graphs change (inputs, outputs, exporter settings): old cache folders are
 # then left alone and new ones made.
@@ -113,9 +114,15 @@ _STALE_TEMP_SECONDS = 24 * 3600
 # ---------------------------------------------------------------------------------------------- API
 def missing_packages(backend: str) -> list[str]:
     """The packages ``backend`` needs (to export and to run its graphs) that are not installed."""
+    return _missing(_NEEDS[backend])
+
+
+def _missing(packages) -> list[str]:
+    """Those of ``packages`` that cannot be imported, found without importing them (``find_spec``
+    also counts a module blocked by a None in sys.modules as missing)."""
     import importlib.util
 
-    return [p for p in _NEEDS[backend] if importlib.util.find_spec(p) is None]
+    return [p for p in packages if importlib.util.find_spec(p) is None]
 
 
 def resolve_backend(requested: str, path: str = "fast", device: str = "cpu") -> str:
@@ -292,19 +299,10 @@ def _import_backend(backend: str) -> None:
                           f"or {_INSTALL_HINT}") from error
 
 
-def _installed(package: str) -> bool:
-    """Whether ``package`` can be imported, without importing it (a None in sys.modules blocks it)."""
-    import importlib.util
-
-    if package in sys.modules:
-        return sys.modules[package] is not None
-    return importlib.util.find_spec(package) is not None
-
-
 def _import_exporter() -> None:
     """Fail early, in this process, when the exporter's packages are missing (the export itself runs
     in a child process: :func:`_export_onnx`)."""
-    missing = [package for package in ("onnx", "onnxscript") if not _installed(package)]
+    missing = _missing(_EXPORTER)
     if missing:
         raise ImportError(f"exporting to ONNX (torch.onnx.export, dynamo exporter) needs {', '.join(missing)}: "
                           f"pip install {' '.join(missing)}, or {_INSTALL_HINT}")

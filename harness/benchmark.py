@@ -226,7 +226,8 @@ def run_bench(config: BenchConfig, plugins: HarnessPlugins | None = None, log: C
         for variant in config.variants:
             options = LoadOptions(weights=config.weights.get(spec.name), threads=threads,
                                   weights_dir=config.weights_dir, all_weights=dict(config.weights),
-                                  allow_pickle=config.allow_pickle, path=variant.path, precision=variant.precision, backend=variant.backend)
+                                  allow_pickle=config.allow_pickle, path=variant.path,
+                                  precision=variant.precision, backend=variant.backend)
             try:
                 segmenter = spec.load(options)
             except Exception as exc:  # noqa: BLE001 - a variant this machine cannot run is reported, not fatal

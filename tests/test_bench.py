@@ -37,7 +37,6 @@ def test_variant_names_round_trip_and_bad_parts_are_named():
         Variant.parse("fast+fp16")
 
 
-
 def test_default_variants_list_only_backends_that_can_export_and_run(monkeypatch):
     """A backend whose runtime is installed but whose exporter is not would only fail at load."""
     import models.backends as backends
@@ -51,6 +50,7 @@ def test_default_variants_list_only_backends_that_can_export_and_run(monkeypatch
     monkeypatch.setattr(backends, "missing_packages", lambda b: [])
     assert [v.name for v in default_variants()] == ["faithful", "fast", "fast+bf16", "fast+onnxruntime",
                                                     "fast+openvino"]
+
 
 def test_multibox_case_puts_overlapping_boxes_inside_the_volume():
     case = load_case(DEMO / "imgs" / "3DBox_CT_sts025.npz")

@@ -27,6 +27,11 @@ Per case, with ``L = gt.max()`` and labels ``i = 1..L``:
 
 The surfel-area table is generated here from a small marching-cubes
 polygonisation (see :func:`_unit_surfel_normals`), not copied from anywhere.
+
+Two extra surface-distance metrics that the challenge does not use, ``hd95`` (95th-percentile
+Hausdorff distance) and ``masd`` (mean average surface distance, symmetric), both in mm, are
+computed by :func:`distance_metrics` when asked for; see its docstring for their definitions and
+:data:`EMPTY_MASK_POLICY` for how empty masks are scored.
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ __all__ = [
     "case_metrics",
     "surfel_area_table",
     "surface_area",
+    "CHALLENGE_METRICS",
+    "DISTANCE_METRICS",
+    "METRIC_NAMES",
+    "HD_PERCENTILE",
+    "EMPTY_MASK_POLICY",
+    "parse_metrics",
+    "distance_metrics",
 ]
 
 #: The case NSD is only computed when the case DSC is strictly above this value.
@@ -630,3 +642,179 @@ def _merge_boxes(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> tu
     if b is None:
         return a
     return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------
+# Surface distances: HD95 and MASD (opt-in extras; not challenge metrics)
+# ---------------------------------------------------------------------------
+
+#: The challenge's metrics, always computed by ``harness run`` and ``harness score``.
+CHALLENGE_METRICS = ("dsc", "nsd")
+#: The extra surface-distance metrics of :func:`distance_metrics` (mm), asked for with ``--metrics``.
+DISTANCE_METRICS = ("hd95", "masd")
+#: Every metric name ``--metrics`` accepts, in the order columns and record fields appear.
+METRIC_NAMES = CHALLENGE_METRICS + DISTANCE_METRICS
+#: The percentile of :func:`distance_metrics`'s ``hd95``.
+HD_PERCENTILE = 95.0
+
+#: What :func:`distance_metrics` gives a label that is empty in one or both masks.
+EMPTY_MASK_POLICY = (
+    "A label absent from both the ground truth and the prediction is NaN for that label and is left out "
+    "of the case mean (like the challenge's NaN DSC). A label present in exactly one of them (missed or "
+    "hallucinated) gets the worst value, for hd95 and masd alike: the diagonal of the whole image in mm, "
+    "sqrt(sum((n_i * s_i)**2)) over the array axes (n_i voxels of spacing s_i; pixels for 2D cases), "
+    "which exceeds every distance between two voxels of the image. A case whose labels are all NaN "
+    "(or that has no labels) is NaN."
+)
+
+
+def parse_metrics(names: str | Iterable[str]) -> tuple[str, ...]:
+    """Metric names (``"dsc,nsd,hd95"`` or a list) as a tuple in :data:`METRIC_NAMES` order.
+
+    ``dsc`` and ``nsd`` are always included (the leaderboard needs them); repeats are dropped.
+    An unknown name is a ValueError that lists the valid ones.
+    """
+    items = names.split(",") if isinstance(names, str) else list(names)
+    wanted = {str(n).strip().lower() for n in items if str(n).strip()}
+    unknown = sorted(wanted - set(METRIC_NAMES))
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; valid: {', '.join(METRIC_NAMES)}")
+    wanted |= set(CHALLENGE_METRICS)
+    return tuple(name for name in METRIC_NAMES if name in wanted)
+
+
+def _surface_voxels(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with at least one face neighbour outside it (``mask`` has an empty outer ring).
+
+    This is ``mask & ~erosion(mask)`` with the cross-shaped (face-connectivity) structuring element,
+    the image outside counting as background.
+    """
+    inner = mask.copy()
+    for axis in range(mask.ndim):
+        hi = [slice(None)] * mask.ndim
+        lo = [slice(None)] * mask.ndim
+        hi[axis] = slice(1, None)
+        lo[axis] = slice(None, -1)
+        inner[tuple(hi)] &= mask[tuple(lo)]  # the neighbour at -1 along the axis
+        inner[tuple(lo)] &= mask[tuple(hi)]  # the neighbour at +1
+    return mask & ~inner
+
+
+def _directed_distances(gt: np.ndarray, seg: np.ndarray,
+                        spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm) from each surface voxel of ``gt`` to the nearest of ``seg``, and the reverse.
+
+    Both masks are non-empty boolean arrays already cropped to (at least) their union box.  A one
+    voxel empty ring is added, so that surface voxels at the crop's edge are found as in the image.
+    """
+    gt = np.pad(gt, 1)
+    seg = np.pad(seg, 1)
+    surf_gt = _surface_voxels(gt)
+    surf_seg = _surface_voxels(seg)
+    gt_to_seg = ndimage.distance_transform_edt(~surf_seg, sampling=spacing)[surf_gt]
+    seg_to_gt = ndimage.distance_transform_edt(~surf_gt, sampling=spacing)[surf_seg]
+    return gt_to_seg, seg_to_gt
+
+
+def _label_image(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as non-negative integer labels for ``ndimage.find_objects`` (negative and fractional
+    values, which match no label ``1..L``, become 0)."""
+    if arr.dtype == bool:
+        return arr.view(np.uint8)
+    if arr.dtype.kind == "f":
+        whole = np.isfinite(arr) & (arr == np.floor(arr)) & (arr > 0)
+        return np.where(whole, arr, 0).astype(np.int64)
+    if arr.dtype.kind == "i" and arr.size and int(arr.min()) < 0:
+        return np.where(arr < 0, 0, arr)
+    return arr
+
+
+def distance_metrics(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] | None = None,
+                     metrics: Iterable[str] = DISTANCE_METRICS) -> dict:
+    """HD95 and MASD of one case, per label and as the case value, in mm.
+
+    Conventions as :func:`case_metrics`: labels are ``1..gt.max()``; labels of ``seg`` above
+    ``gt.max()`` are ignored; 2D arrays are scored in pixels (spacing ``(1, 1)``, whatever
+    ``spacing`` says, as the challenge scores 2D cases); 3D arrays need ``spacing`` (mm per array
+    axis).  ``metrics``: any of ``"hd95"``, ``"masd"``.
+
+    Definitions (those of MONAI's ``compute_hausdorff_distance(..., percentile=95, spacing=...)``
+    and ``compute_average_surface_distance(..., symmetric=True, spacing=...)``), per label, with
+    ``G`` and ``S`` the label's ground-truth and predicted masks:
+
+    * surface ``dG``: the voxels of ``G`` that have at least one face neighbour (4-neighbourhood
+      in 2D, 6 in 3D) outside ``G``, the outside of the image counting as background, i.e.
+      ``G & ~binary_erosion(G)``; likewise ``dS``;
+    * directed distances ``d(x, dS)``: for each ``x`` in ``dG``, the Euclidean distance in mm
+      (array offsets times ``spacing``) between voxel centres to the nearest voxel of ``dS``;
+      and ``d(y, dG)`` for each ``y`` in ``dS``;
+    * ``hd95 = max(P95{d(x, dS) : x in dG}, P95{d(y, dG) : y in dS})``, where ``P95`` is the
+      95th percentile with linear interpolation between order statistics (numpy's and torch's
+      default);
+    * ``masd = (sum_x d(x, dS) + sum_y d(y, dG)) / (|dG| + |dS|)``: the mean over both surfaces'
+      distances taken together (not the mean of the two directed means).
+
+    Empty masks (:data:`EMPTY_MASK_POLICY`): a label absent from both masks is NaN and left out of
+    the case mean; a label present in exactly one gets the image diagonal in mm,
+    ``sqrt(sum((n_i * s_i)**2))``.  The case value is the mean over the non-NaN labels, NaN when
+    there are none.
+
+    Each label is computed on the union bounding box of its two masks plus a one-voxel margin
+    (``scipy.ndimage.distance_transform_edt`` with ``sampling=spacing`` on that crop).
+
+    Returns ``{name: case value, name + "_per_label": tuple of per-label values}`` for each
+    requested name, in :data:`DISTANCE_METRICS` order.
+    """
+    wanted = [str(m).strip().lower() for m in metrics]
+    unknown = sorted(set(wanted) - set(DISTANCE_METRICS))
+    if unknown:
+        raise ValueError(f"unknown distance metric(s) {', '.join(unknown)}; valid: {', '.join(DISTANCE_METRICS)}")
+    names = [m for m in DISTANCE_METRICS if m in wanted]
+    gt = np.asarray(gt)
+    seg = np.asarray(seg)
+    if gt.shape != seg.shape:
+        raise ValueError(f"gt and seg shapes differ: {gt.shape} vs {seg.shape}")
+    if gt.ndim == 2:
+        sp: tuple[float, ...] = (1.0, 1.0)
+    elif gt.ndim == 3:
+        if spacing is None:
+            raise ValueError("spacing is required for 3D cases")
+        sp = _checked_spacing(spacing)
+    else:
+        raise ValueError(f"gt must be 2D or 3D, got {gt.ndim}D")
+    if not names:
+        return {}
+
+    gt_i = _label_image(gt)
+    seg_i = _label_image(seg)
+    max_label = int(gt_i.max()) if gt_i.size else 0
+    per_label: dict[str, list[float]] = {name: [] for name in names}
+    if max_label > 0:
+        diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(gt.shape, sp)))
+        gt_boxes = ndimage.find_objects(gt_i, max_label=max_label)
+        seg_boxes = list(ndimage.find_objects(seg_i, max_label=max_label))
+        seg_boxes += [None] * (max_label - len(seg_boxes))
+        for label in range(1, max_label + 1):
+            in_gt, in_seg = gt_boxes[label - 1], seg_boxes[label - 1]
+            if in_gt is None and in_seg is None:
+                values = {name: math.nan for name in names}
+            elif in_gt is None or in_seg is None:
+                values = {name: diagonal for name in names}
+            else:
+                box = _merge_boxes(in_gt, in_seg)
+                gt_to_seg, seg_to_gt = _directed_distances(gt_i[box] == label, seg_i[box] == label, sp)
+                values = {}
+                if "hd95" in names:
+                    values["hd95"] = float(max(np.percentile(gt_to_seg, HD_PERCENTILE),
+                                               np.percentile(seg_to_gt, HD_PERCENTILE)))
+                if "masd" in names:
+                    values["masd"] = float((gt_to_seg.sum() + seg_to_gt.sum()) / (gt_to_seg.size + seg_to_gt.size))
+            for name in names:
+                per_label[name].append(values[name])
+    out: dict = {}
+    for name in names:
+        labels = tuple(per_label[name])
+        present = [v for v in labels if not math.isnan(v)]
+        out[name] = float(np.mean(present)) if present else math.nan
+        out[f"{name}_per_label"] = labels
+    return out

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from harness import __version__
 from harness.cases import Case, CaseError, discover_cases, load_case, load_ground_truth, save_segs
-from harness.metrics import case_metrics
+from harness.metrics import DISTANCE_METRICS, case_metrics, distance_metrics
 from harness.pluginmanager import HarnessPlugins
 from harness.profiling import PeakRSS
 from harness.results import ResultsStore, update_models
@@ -55,6 +55,8 @@ class RunConfig:
     times it); the last two are timed end to end (:mod:`harness.external`). ``image``: a docker
     image tag or a ``team.tar.gz`` submission (docker runner only). ``timeout``: seconds per case
     for subprocess and docker (None: no limit). ``memory``: the container's memory limit.
+    ``metrics``: what each case is scored with; ``dsc`` and ``nsd`` always, ``hd95`` and ``masd``
+    (:func:`harness.metrics.distance_metrics`) when listed.
     """
 
     models: list[str]
@@ -75,6 +77,7 @@ class RunConfig:
     memory: str = "8G"
     retry_errors: bool = False
     progress: bool = True
+    metrics: tuple[str, ...] = ("dsc", "nsd")
 
 
 @dataclass
@@ -230,6 +233,11 @@ def save_and_score(record: dict, case: Case, segs: np.ndarray, case_path: Path, 
             dsc_per_label=list(metrics.dsc_per_label),
             nsd_per_label=list(metrics.nsd_per_label),
         )
+        extras = [name for name in config.metrics if name in DISTANCE_METRICS]
+        if extras:
+            distances = distance_metrics(gt.gts, segs, spacing=gt.spacing, metrics=extras)
+            record.update({key: list(value) if key.endswith("_per_label") else value
+                           for key, value in distances.items()})
 
 
 def record_error(record: dict, stage: Stage, exc: BaseException, case_path: Path) -> None:

@@ -322,13 +322,14 @@ def _percent(freq: float) -> str:
     return f"{freq:.0%}"
 
 
-def plot_rank_stability(freq: "pd.DataFrame", path: str | os.PathLike) -> Path:
+def plot_rank_stability(freq: "pd.DataFrame", path: str | os.PathLike, observed: "pd.Series | None" = None) -> Path:
     """Blob plot of how often each model took each rank over bootstrap resamples.
 
     ``freq``: index = model entry names, best first; columns = ranks 1..K (ints); values = the fraction
     of resamples in which the model took that rank (rows sum to 1; NaN counts as 0). Circle area is
     proportional to the frequency; frequencies >= 0.05 are written in the circle (or below it when it is
-    too small). The rank a model holds in the table (its row position) is shaded.
+    too small). The rank a model holds in the table is shaded: ``observed`` (model -> rank, tied models
+    sharing one) where given, else its row position.
     """
     what = "plot_rank_stability"
     if freq is None or freq.shape[0] == 0 or freq.shape[1] == 0:
@@ -350,9 +351,10 @@ def plot_rank_stability(freq: "pd.DataFrame", path: str | os.PathLike) -> Path:
     height = min(max(3.0, 1.3 + 0.5 * n), 9.0)
     fig = new_figure(width, height)
     ax = fig.subplots()
-    for row in range(n):  # the rank each model holds in the table
-        if row + 1 in ranks:
-            ax.add_patch(_cell(row + 1, row))
+    for row, model in enumerate(models):  # the rank each model holds in the table
+        held = int(observed[model]) if observed is not None and model in observed else row + 1
+        if held in ranks:
+            ax.add_patch(_cell(held, row))
     xs, ys, fs, cs = [], [], [], []
     for row, model in enumerate(models):
         for col, rank in enumerate(ranks):

@@ -17,6 +17,12 @@ left out of the means and counted in the ``NaN`` column. Runtime is the mean sec
 memory is the largest per-case peak RSS, per dimension. Only successful cases enter any figure;
 errors are counted beside them.
 
+Every DSC and NSD figure carries a seeded bootstrap 95% interval, and three sections say what the
+numbers mean (:mod:`leaderboard.stats`): paired comparisons of every two entries (the mean paired
+difference with its interval, Wilcoxon's signed-rank test Holm-corrected over the pairs, a verdict), a
+challenge-style ranking with its bootstrap stability, and the figures (:mod:`leaderboard.plots`), PNG
+files written beside the markdown and linked from it.
+
 A segmenter run under more than one ``--runner`` (native in-process, subprocess, docker: separate
 entries such as ``litemedsam[docker]``) also gets a "Runner overhead" table: its mean seconds per case
 under each runner on the cases all of them finished, and the mean per-case differences.
@@ -24,6 +30,7 @@ under each runner on the cases all of them finished, and the mean per-case diffe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +44,16 @@ from harness.results import (
     write_json_atomic,
     write_text_atomic,
 )
+from leaderboard import stats
+
+
+@dataclass
+class BoardOptions:
+    """How the statistics of a leaderboard are computed: bootstrap resamples and seed, ranking weights."""
+
+    bootstrap: int = stats.DEFAULT_RESAMPLES
+    seed: int = stats.DEFAULT_SEED
+    rank_weights: dict[str, float] = field(default_factory=lambda: dict(stats.DEFAULT_RANK_WEIGHTS))
 
 
 def load_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
@@ -49,7 +66,7 @@ def load_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, dict]]:
     for col in columns:
         if col not in frame:
             frame[col] = None
-    for col in ("dsc", "nsd", "seconds", "peak_rss_mb"):
+    for col in ("dsc", "nsd", "seconds", "peak_rss_mb") + tuple(d for d in DISTANCES if d in frame):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame, read_models(out_dir)
 
@@ -71,12 +88,21 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}"
 
 
+#: Optional distance metrics (``harness run --metrics``), in mm, lower is better; shown where recorded.
+DISTANCES = ("hd95", "masd")
+
+
+def distance_metrics(frame: pd.DataFrame) -> list[str]:
+    """The optional distance metrics some record of ``frame`` carries a value of."""
+    return [d for d in DISTANCES if d in frame and frame[d].notna().any()]
+
+
 def modality_means(frame: pd.DataFrame) -> pd.DataFrame:
     """Per model x modality: mean DSC and NSD (fractions) over successful cases with a defined DSC, and counts."""
     ok = frame[frame["status"] == "ok"]
     scored = ok[ok["dsc"].notna()]
     grouped = scored.groupby(["model", "modality"], sort=True)
-    table = grouped[["dsc", "nsd"]].mean()
+    table = grouped[["dsc", "nsd"] + distance_metrics(frame)].mean()
     table["cases"] = grouped.size()
     return table.reset_index()
 
@@ -108,6 +134,7 @@ def model_summary(frame: pd.DataFrame, models: dict[str, dict]) -> pd.DataFrame:
             "resolution": info.get("resolution"),
             "params": info.get("params"),
             "flops": info.get("flops"),
+            **{d: mods[d].mean() if not mods.empty else float("nan") for d in distance_metrics(frame)},
             "dsc": mods["dsc"].mean() if not mods.empty else float("nan"),
             "nsd": mods["nsd"].mean() if not mods.empty else float("nan"),
             "modalities": len(mods),
@@ -142,28 +169,39 @@ def _has_gt(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(False, index=frame.index)
 
 
-def render_markdown(out_dir: str | Path, reported: bool = True) -> str:
+def render_markdown(out_dir: str | Path, reported: bool = True, options: BoardOptions | None = None) -> str:
     """The leaderboard of a run folder as markdown; ``reported`` adds the published reference rows."""
-    return _markdown(*load_results(out_dir), reported=reported)
+    frame, models = load_results(out_dir)
+    return _markdown(frame, models, reported=reported, analysis=analyse(frame, models, options or BoardOptions()))
 
 
 REPORTED_TAG = "*(published)*"
 REPRODUCED_TAG = "*(published, reproduced)*"
 
 
-def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = True) -> str:
+def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = True,
+              analysis: Analysis | None = None, figures: dict[str, str] | None = None) -> str:
     if frame.empty:
         return "# Leaderboard\n\nNo results yet.\n"
     summary = model_summary(frame, models)
+    analysis = analysis or analyse(frame, models, BoardOptions())
     lines = ["# Leaderboard", ""]
     modes = sorted({f"{r} / {t}" for r, t in zip(frame["runner"].fillna("?"), frame["timing_mode"].fillna("?"))})
     threads = sorted({int(t) for t in frame["threads"].dropna()})
     lines.append(
         f"Runner / timing mode: {', '.join(modes)}; CPU threads: {', '.join(map(str, threads)) or '-'}. "
-        "DSC and NSD in %, the unweighted mean of the per-modality means; runtime is the mean seconds per case, "
+        "DSC and NSD in %, the unweighted mean of the per-modality means, with a bootstrap 95% confidence "
+        f"interval in brackets ({analysis.options.bootstrap} resamples of the cases within each modality, seed "
+        f"{analysis.options.seed}); runtime is the mean seconds per case, "
         "memory the largest per-case peak RSS. FLOPs count multiply-accumulates for one image and one box at the "
         "model's resolution (the published tables' unit)."
     )
+    if distance_metrics(frame):
+        lines.append("")
+        lines.append(
+            "HD95 (95th-percentile Hausdorff distance) and MASD (mean average surface distance): lower is better, "
+            "in mm with the case spacing (pixels for 2D cases), averaged as DSC is (`harness run --metrics`)."
+        )
     default_backends = _untagged_backends(frame, summary)
     if default_backends:
         lines.append("")
@@ -189,8 +227,9 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
             "measurements of this run."
         )
     lines.append("")
-    headers = ["Method", "Res", "Params", "FLOPs", "DSC", "NSD", "2D runtime", "3D runtime", "2D memory",
-               "3D memory", "Cases"]
+    distances = distance_metrics(frame)
+    headers = ["Method", "Res", "Params", "FLOPs", "DSC", "NSD"] + [f"{d.upper()} (mm)" for d in distances] + [
+        "2D runtime", "3D runtime", "2D memory", "3D memory", "Cases"]
     body = []
     for _, r in summary.iterrows():
         cases = f"{r['ok']}/{r['cases']}"
@@ -203,8 +242,9 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
             _fmt(r["resolution"], ".0f") if r["resolution"] else "-",
             _fmt_count(r["params"]),
             _fmt_count(r["flops"]),
-            _fmt(r["dsc"] * 100, ".2f"),
-            _fmt(r["nsd"] * 100, ".2f"),
+            _fmt_estimate(analysis.overall(r["model"], "dsc"), r["dsc"], overall=True),
+            _fmt_estimate(analysis.overall(r["model"], "nsd"), r["nsd"], overall=True),
+            *[_fmt(r[d], ".2f") for d in distances],
             _fmt(r["runtime_2D"], ".2f", "s"),
             _fmt(r["runtime_3D"], ".2f", "s"),
             _fmt(r["memory_2D"], ".0f", "MB"),
@@ -212,19 +252,132 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
             cases,
         ])
         rep = _reported_of(models, r["model"]) if reported and r["model"] in carriers else None
-        if rep:
-            body.extend(_reported_rows(r, rep))
+        if rep:  # the publications give no distances: blank cells in those columns
+            body.extend(row[:6] + ["-"] * len(distances) + row[6:] for row in _reported_rows(r, rep))
     lines.append(tabulate(body, headers=headers, tablefmt="github", disable_numparse=True))
     overhead = runner_overhead(frame, models)
     if not overhead.empty:
         lines += ["", "## Runner overhead (seconds per case)", "", _overhead_text(overhead)]
-    lines += ["", "## Per modality (DSC / NSD, %)", ""]
-    lines.append(_modality_table(frame, summary, models if reported else {}))
+    for metric, label in (("dsc", "DSC"), ("nsd", "NSD")):
+        lines += ["", f"## Per modality: {label} (%, bootstrap 95% CI)", ""]
+        lines.append(_modality_table(frame, summary, analysis, metric, models if reported else {}))
+    if any(e.cases < stats.MIN_CASES for by in analysis.cis.values() for est in by.values()
+           for e in est["per_modality"].values()):
+        lines += ["", f"A modality with fewer than {stats.MIN_CASES} cases gets no interval of its own (\"n=2, no "
+                      "CI\"): a bootstrap of one or two cases says nothing; it is still resampled inside the average."]
+    lines += ["", "## Paired comparisons (A - B, points of %)", "", _paired_text(analysis)]
+    lines += ["", "## Challenge-style ranking", "", ranking_text(analysis)]
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{caption}]({name})" for name, caption in figures.items()]
     sources = _sources(summary, models) if reported else ""
     if sources:
         lines += ["", "## Sources of the published rows", "", sources]
     lines.append("")
     return "\n".join(lines)
+
+
+@dataclass
+class Analysis:
+    """The statistics of one leaderboard (:mod:`leaderboard.stats`), computed once for markdown and JSON."""
+
+    options: BoardOptions
+    order: list[str]
+    cis: dict[str, dict[str, dict]]
+    paired: list[tuple[str, str, dict[str, stats.PairedMetric]]]
+    ranking: stats.Ranking | None
+    ranking_error: str | None = None
+
+    def overall(self, model: str, metric: str) -> stats.Estimate | None:
+        return (self.cis.get(model) or {}).get(metric, {}).get("overall")
+
+    def modality(self, model: str, metric: str, modality: str) -> stats.Estimate | None:
+        return (self.cis.get(model) or {}).get(metric, {}).get("per_modality", {}).get(modality)
+
+
+def analyse(frame: pd.DataFrame, models: dict[str, dict], options: BoardOptions) -> Analysis:
+    order = list(model_summary(frame, models)["model"]) if not frame.empty else []
+    cis = stats.bootstrap_cis(frame, options.bootstrap, options.seed) if order else {}
+    scored = [m for m in order if m in cis]
+    paired = stats.paired_comparisons(frame, scored, options.bootstrap, options.seed)
+    ranking, error = None, None
+    if order:
+        try:
+            ranking = stats.rank_models(frame, order, options.rank_weights, options.bootstrap, options.seed)
+        except ValueError as exc:
+            error = str(exc)
+    return Analysis(options, order, cis, paired, ranking, error)
+
+
+def _fmt_estimate(est: stats.Estimate | None, value: float | None = None, overall: bool = False) -> str:
+    """``70.75 [68.12-73.49]`` (in %); ``(n=2, no CI)`` where the modality has too few cases."""
+    if est is None or est.cases == 0:
+        return _fmt(None if value is None else value * 100, ".2f")
+    text = f"{est.value * 100:.2f}"
+    if not est.has_interval:
+        return f"{text} (no CI: n<{stats.MIN_CASES} per modality)" if overall else f"{text} (n={est.cases}, no CI)"
+    return f"{text} [{est.lo * 100:.2f}-{est.hi * 100:.2f}]"
+
+
+def fmt_difference(est: stats.Estimate) -> str:
+    """``-0.52 [-1.10, +0.05]`` (points of %)."""
+    if est.cases == 0 or math.isnan(est.value):
+        return "-"
+    text = f"{est.value * 100:+.2f}"
+    if not est.has_interval:
+        return f"{text} (n={est.cases}, no CI)"
+    return f"{text} [{est.lo * 100:+.2f}, {est.hi * 100:+.2f}]"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _paired_text(analysis: Analysis) -> str:
+    if len(analysis.paired) == 0:
+        return "One entry only: nothing to compare."
+    intro = ("Every two entries on the cases both finished with a score: the mean paired difference A - B "
+             "(aggregated as above: the mean over modalities of the per-modality mean differences) with its "
+             "bootstrap 95% CI (case pairs resampled within each modality), the p-value of Wilcoxon's "
+             f"signed-rank test on the per-case differences, Holm-corrected over the {len(analysis.paired)} "
+             "pair(s) of this table, and the verdict at 5%. `harness compare OUT A B` shows one pair per "
+             "modality, with a non-inferiority margin (`--margin`).")
+    headers = ["A", "B", "Cases", "DSC A - B [95% CI]", "p (Holm)", "DSC: A is", "NSD A - B [95% CI]", "p (Holm)",
+               "NSD: A is"]
+    body = []
+    for a, b, res in analysis.paired:
+        row = [f"`{a}`", f"`{b}`", str(res["dsc"].effect.cases)]
+        for metric in ("dsc", "nsd"):
+            m = res[metric]
+            row += [fmt_difference(m.effect), fmt_p(m.p_holm), m.verdict]
+        body.append(row)
+    return intro + "\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def ranking_text(analysis: Analysis) -> str:
+    ranking = analysis.ranking
+    if ranking is None:
+        return f"No ranking: {analysis.ranking_error}."
+    weights = ", ".join(f"{k}={v:g}" for k, v in ranking.weights.items())
+    intro = ("Challenge-style, not the official CVPR 2024 rule (which is not published as code). Rank then "
+             f"aggregate: on each of the {ranking.cases} cases every metric ranks the entries (ties share "
+             "their mean rank; a failed or missing case takes the worst value), and an entry's score is its "
+             f"mean rank over cases and metrics, weighted {weights}; the lowest score ranks first. Aggregate "
+             "then rank: each metric's aggregate is ranked instead. Stability: the cases are resampled within "
+             f"each modality {ranking.resamples} times and ranked again; P(same) is how often the entry keeps "
+             "its rank, P(1st) how often it ranks first.")
+    metric_names = {"dsc": "DSC", "nsd": "NSD", "time": "runtime", "hd95": "HD95", "masd": "MASD"}
+    headers = (["Rank", "Entry", "Score"] + [f"Mean rank {metric_names[m]}" for m in ranking.weights]
+               + ["Aggregate-then-rank", "P(same)", "P(1st)"])
+    body = []
+    for model in ranking.rank.sort_values(kind="stable").index:
+        body.append([str(ranking.rank[model]), f"`{model}`", f"{ranking.score[model]:.2f}"]
+                    + [f"{ranking.mean_ranks.loc[model, m]:.2f}" for m in ranking.weights]
+                    + [str(ranking.aggregate_rank[model]), f"{ranking.keeps_rank[model]:.2f}",
+                       f"{ranking.first[model]:.2f}"])
+    return intro + "\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def _untagged_backends(frame: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
@@ -330,12 +483,15 @@ def _reported_rows(r: pd.Series, rep: dict) -> list[list[str]]:
     return rows
 
 
-def _modality_table(frame: pd.DataFrame, summary: pd.DataFrame, models: dict[str, dict] | None = None) -> str:
+def _modality_table(frame: pd.DataFrame, summary: pd.DataFrame, analysis: Analysis, metric: str,
+                    models: dict[str, dict] | None = None) -> str:
+    """Modalities x entries of one metric (%, with intervals), plus the published columns of that metric."""
     per_modality = modality_means(frame)
     titles = dict(zip(summary["model"], summary["title"]))
     methods = dict(zip(summary["model"], summary["method"]))
     measured = list(summary["model"])
     modalities = sorted(per_modality["modality"].dropna().unique())
+    column = 0 if metric == "dsc" else 1  # published figures are (DSC, NSD) pairs
     # published per-modality columns, for the modalities this run measured
     published: list[tuple[str, dict]] = []
     carriers = _published_carriers(summary)
@@ -356,17 +512,16 @@ def _modality_table(frame: pd.DataFrame, summary: pd.DataFrame, models: dict[str
             if cell.empty:
                 row.append("-")
             else:
-                c = cell.iloc[0]
-                counts.add(int(c["cases"]))
-                row.append(f"{c['dsc'] * 100:.2f} / {c['nsd'] * 100:.2f}")
+                counts.add(int(cell.iloc[0]["cases"]))
+                row.append(_fmt_estimate(analysis.modality(model, metric, modality), cell.iloc[0][metric]))
         for _, table in published:
             pair = table.get(modality)
-            row.append(f"{pair[0]:.2f} / {pair[1]:.2f}" if pair else "-")
+            row.append(f"{pair[column]:.2f}" if pair else "-")
         row.insert(1, "/".join(str(c) for c in sorted(counts)) or "-")
         body.append(row)
     average = ["Average", ""]
     for _, r in summary.iterrows():
-        average.append(f"{_fmt(r['dsc'] * 100, '.2f')} / {_fmt(r['nsd'] * 100, '.2f')}")
+        average.append(_fmt_estimate(analysis.overall(r["model"], metric), r[metric], overall=True))
     average += ["-"] * len(published)  # published averages cover other modalities: see the main table
     body.append(average)
     headers = ["Modality", "Cases"] + [methods[m] for m in measured] + [title for title, _ in published]
@@ -385,12 +540,18 @@ def _sources(summary: pd.DataFrame, models: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def summary_json(out_dir: str | Path) -> dict:
-    """Machine-readable twin of the markdown: per model aggregates and per modality means."""
-    return _summary(*load_results(out_dir))
+def summary_json(out_dir: str | Path, options: BoardOptions | None = None) -> dict:
+    """Machine-readable twin of the markdown: per model aggregates with intervals, per modality means,
+    paired comparisons and the ranking."""
+    frame, models = load_results(out_dir)
+    return _summary(frame, models, analyse(frame, models, options or BoardOptions()))
 
 
-def _summary(frame: pd.DataFrame, models: dict[str, dict]) -> dict:
+def _interval(est: stats.Estimate | None) -> list[float] | None:
+    return [est.lo, est.hi] if est is not None and est.has_interval else None
+
+
+def _summary(frame: pd.DataFrame, models: dict[str, dict], analysis: Analysis) -> dict:
     if frame.empty:
         return {"models": []}
     summary = model_summary(frame, models)
@@ -400,25 +561,84 @@ def _summary(frame: pd.DataFrame, models: dict[str, dict]) -> dict:
         mods = per_modality[per_modality["model"] == r["model"]]
         entry = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         entry = {k: (v.item() if hasattr(v, "item") else v) for k, v in entry.items()}
+        for metric in ("dsc", "nsd"):
+            entry[f"{metric}_ci"] = _interval(analysis.overall(r["model"], metric))
         entry["per_modality"] = {
-            m["modality"]: {"dsc": float(m["dsc"]), "nsd": float(m["nsd"]), "cases": int(m["cases"])}
+            m["modality"]: {"dsc": float(m["dsc"]), "nsd": float(m["nsd"]), "cases": int(m["cases"]),
+                            **{f"{metric}_ci": _interval(analysis.modality(r["model"], metric, m["modality"]))
+                               for metric in ("dsc", "nsd")}}
             for _, m in mods.iterrows()
         }
         out.append(entry)
     overhead = runner_overhead(frame, models)
     rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
             for r in overhead.to_dict("records")]
-    return {"models": out, "runner_overhead": rows}
+    options = analysis.options
+    return {
+        "models": out,
+        "runner_overhead": rows,
+        "bootstrap": {"resamples": options.bootstrap, "seed": options.seed, "confidence": stats.CONFIDENCE,
+                      "min_cases": stats.MIN_CASES, "statistic": "unweighted mean of the per-modality means"},
+        "paired": [{"a": a, "b": b, **{metric: res[metric].as_dict() for metric in res}}
+                   for a, b, res in analysis.paired],
+        "ranking": analysis.ranking.as_dict() if analysis.ranking is not None else None,
+    }
 
 
-def write_leaderboard(out_dir: str | Path, output: str | Path | None = None, reported: bool = True) -> Path:
-    """Write ``leaderboard.md`` (and ``summary.json``) for a run folder; return the markdown path.
+FIGURES = {
+    "modality-ci": "Per-modality DSC and NSD with bootstrap 95% CIs",
+    "runtime-dsc": "Runtime vs DSC, Pareto front",
+    "rank-stability": "Rank stability over bootstrap resamples",
+}
 
-    ``reported=False`` leaves out the published reference rows and columns.
+
+def write_figures(frame: pd.DataFrame, models: dict[str, dict], analysis: Analysis, folder: Path,
+                  stem: str = "leaderboard") -> dict[str, str]:
+    """Write the leaderboard's PNG figures into ``folder`` as ``<stem>-<figure>.png``; return
+    ``{file name: caption}`` of those written (a figure without data is left out)."""
+    from leaderboard import plots
+
+    written: dict[str, str] = {}
+    summary = model_summary(frame, models)
+    points = []
+    ok = frame[frame["status"] == "ok"]
+    for _, r in summary.iterrows():
+        sub = ok[ok["model"] == r["model"]]
+        runners = sub["runner"].dropna()
+        if sub["seconds"].notna().any() and not math.isnan(r["dsc"]):
+            points.append({"model": r["model"], "runner": runners.mode().iloc[0] if not runners.empty else "native",
+                           "seconds": float(sub["seconds"].mean()), "dsc": float(r["dsc"])})
+    jobs = [
+        ("modality-ci", plots.plot_modality_ci, stats.ci_table(analysis.cis)),
+        ("runtime-dsc", plots.plot_runtime_vs_dsc, pd.DataFrame(points, columns=["model", "runner", "seconds", "dsc"])),
+    ]
+    if analysis.ranking is not None:
+        ranking = analysis.ranking
+        order = ranking.rank.sort_values(kind="stable").index
+        jobs.append(("rank-stability", lambda data, path: plots.plot_rank_stability(data, path, ranking.rank),
+                     ranking.stability.loc[order]))
+    for key, plot, data in jobs:
+        name = f"{stem}-{key}.png"
+        try:
+            plot(data, folder / name)
+        except ValueError:  # nothing to draw (e.g. no scored case)
+            continue
+        written[name] = FIGURES[key]
+    return written
+
+
+def write_leaderboard(out_dir: str | Path, output: str | Path | None = None, reported: bool = True,
+                      options: BoardOptions | None = None, figures: bool = True) -> Path:
+    """Write ``leaderboard.md`` (and ``summary.json``, and the figures beside the markdown) for a run
+    folder; return the markdown path.
+
+    ``reported=False`` leaves out the published reference rows and columns; ``figures=False`` the PNGs.
     """
     out_dir = Path(out_dir)
     target = Path(output) if output else out_dir / "leaderboard.md"
     frame, models = load_results(out_dir)
-    write_text_atomic(target, _markdown(frame, models, reported=reported))
-    write_json_atomic(out_dir / "summary.json", _summary(frame, models))
+    analysis = analyse(frame, models, options or BoardOptions())
+    drawn = write_figures(frame, models, analysis, target.parent, target.stem) if figures and not frame.empty else {}
+    write_text_atomic(target, _markdown(frame, models, reported=reported, analysis=analysis, figures=drawn))
+    write_json_atomic(out_dir / "summary.json", _summary(frame, models, analysis))
     return target

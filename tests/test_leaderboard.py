@@ -55,15 +55,22 @@ def test_markdown_tables(tmp_path):
     assert "| Method" in text and "| Res" in text and "2D runtime" in text and "3D memory" in text
     row_a = next(line for line in text.splitlines() if line.startswith("| Model A"))
     cells = [c.strip() for c in row_a.strip("|").split("|")]
-    assert cells == ["Model A", "512", "34.79M", "36.80G", "70.00", "77.50", "1.50s", "20.00s", "400MB", "900MB",
-                     "4/5 (1 errors)"]
+    # CT's three cases 0.4, 0.5, 0.6: a resample's mean is 0.4 (or 0.6) with probability 1/27 = 3.7% > 2.5%, so
+    # the 95% interval of the mean of modality means (US has one case, 0.9) is exactly [(0.4 + 0.9) / 2, (0.6 + 0.9) / 2]
+    assert cells == ["Model A", "512", "34.79M", "36.80G", "70.00 [65.00-75.00]", "77.50 [72.50-82.50]", "1.50s",
+                     "20.00s", "400MB", "900MB", "4/5 (1 errors)"]
     row_b = next(line for line in text.splitlines() if line.startswith("| Model B"))
     assert "(1 NaN)" in row_b and "| -" in row_b  # unknown FLOPs shown as '-'
-    assert "## Per modality" in text
-    ct = next(line for line in text.splitlines() if line.startswith("| CT"))
-    assert "50.00 / 60.00" in ct and "80.00 / 90.00" in ct
-    average = next(line for line in text.splitlines() if line.startswith("| Average"))
-    assert "70.00 / 77.50" in average
+    assert "## Per modality: DSC" in text and "## Per modality: NSD" in text
+    dsc_part, nsd_part = text.split("## Per modality: NSD")
+    ct = next(line for line in dsc_part.splitlines() if line.startswith("| CT"))
+    assert "50.00 [40.00-60.00]" in ct and "80.00 (n=1, no CI)" in ct
+    ct_nsd = next(line for line in nsd_part.splitlines() if line.startswith("| CT"))
+    assert "60.00 [50.00-70.00]" in ct_nsd and "90.00 (n=1, no CI)" in ct_nsd
+    average = next(line for line in dsc_part.splitlines() if line.startswith("| Average"))
+    assert "70.00 [65.00-75.00]" in average
+    # model B: no modality with 3 cases, so no overall interval either
+    assert "75.00 (no CI: n<3 per modality)" in average
     # published figures: their own marked rows under the measured one, never mixed into it
     lines = text.splitlines()
     i = lines.index(row_a)
@@ -75,7 +82,7 @@ def test_markdown_tables(tmp_path):
     assert not any("Model B *(published" in line for line in lines)
     header = next(line for line in lines if line.startswith("| Modality"))
     assert "Model A *(published)*" in header
-    assert "92.15 / 94.80" in ct  # published CT column; the US row has none for this model
+    assert "92.15" in ct and "94.80" in ct_nsd  # published CT column; the US row has none for this model
     assert "## Sources of the published rows" in text and "paper; timings on i9" in text
     plain = render_markdown(tmp_path, reported=False)
     assert "(published" not in plain and "85.85" not in plain and "92.15" not in plain

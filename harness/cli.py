@@ -1,4 +1,4 @@
-"""Command line: ``harness run | score | leaderboard | plugins | train``."""
+"""Command line: ``harness run | predict | bench | score | leaderboard | compare | rank | plugins | build | export | train``."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _metrics_arg(text: str) -> tuple[str, ...]:
+    """``--metrics``: comma-separated names, as a tuple that always holds dsc and nsd."""
+    from harness.metrics import parse_metrics
+
+    try:
+        return parse_metrics(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_METRICS_HELP = ("comma-separated metrics, from dsc,nsd,hd95,masd (default dsc,nsd, the challenge's; dsc and nsd "
+                 "are always computed): hd95 is the 95th-percentile Hausdorff distance and masd the mean "
+                 "(symmetric) average surface distance, both in mm with the case spacing (pixels for 2D)")
+
+
 def _weights_arg(values: list[str]) -> dict[str, Path]:
     weights: dict[str, Path] = {}
     for item in values:
@@ -52,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.runner import RunConfig, run
     from leaderboard import write_leaderboard
 
+    _board_options(args)  # bad statistics settings stop the command before any case runs
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
     if not models and not args.image:
         raise SystemExit("harness run: --models needs at least one name (or --image for a docker image)")
@@ -78,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         memory=args.memory or "8G",
         retry_errors=args.retry_errors,
         progress=not args.no_progress,
+        metrics=args.metrics,
     )
     if args.memory and config.runner != "docker":
         raise SystemExit(f"harness run: --memory limits the docker runner's containers, not --runner {config.runner}")
@@ -86,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunnerError as exc:
         print(f"harness run: {exc}", file=sys.stderr)
         return 2
-    board = write_leaderboard(config.out_dir, reported=not args.no_published)
+    board = write_leaderboard(config.out_dir, reported=not args.no_published, options=_board_options(args))
     print(board.read_text())
     print(
         f"{report.done} cases done, {report.errors} errors, {report.skipped} already finished; "
@@ -149,7 +166,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from harness.scoring import score_dirs
 
-    frame = score_dirs(Path(args.segs), Path(args.gts), workers=args.workers, imgs_dir=args.imgs)
+    frame = score_dirs(Path(args.segs), Path(args.gts), workers=args.workers, imgs_dir=args.imgs,
+                       metrics=args.metrics)
     if args.output:
         frame.to_csv(args.output, index=False, float_format="%.17g")
         print(f"wrote {len(frame)} rows to {args.output}")
@@ -161,14 +179,74 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _board_options(args: argparse.Namespace):
+    """The leaderboard's statistics settings (--bootstrap, --seed, --rank-weights / rank's --weights)."""
+    from leaderboard.stats import DEFAULT_RANK_WEIGHTS, DEFAULT_RESAMPLES, DEFAULT_SEED, parse_weights
+    from leaderboard.tables import BoardOptions
+
+    text = getattr(args, "rank_weights", None)
+    try:
+        weights = parse_weights(text) if text else dict(DEFAULT_RANK_WEIGHTS)
+    except ValueError as exc:
+        raise SystemExit(f"harness {args.command}: {'--weights' if args.command == 'rank' else '--rank-weights'}: "
+                         f"{exc}") from None
+    return BoardOptions(bootstrap=args.bootstrap or DEFAULT_RESAMPLES,
+                        seed=DEFAULT_SEED if args.seed is None else args.seed, rank_weights=weights)
+
+
+def _run_folder(args: argparse.Namespace) -> Path:
+    out = Path(args.out_dir)
+    if not (out / "results.jsonl").is_file():
+        raise SystemExit(f"harness {args.command}: {out}/results.jsonl not found (not a `harness run` output folder)")
+    return out
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from leaderboard import write_leaderboard
 
-    out = Path(args.out_dir)
-    if not (out / "results.jsonl").is_file():
-        raise SystemExit(f"harness leaderboard: {out}/results.jsonl not found")
-    target = write_leaderboard(out, args.output, reported=not args.no_published)
+    out = _run_folder(args)
+    target = write_leaderboard(out, args.output, reported=not args.no_published, options=_board_options(args),
+                               figures=not args.no_figures)
     print(target.read_text())
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from leaderboard.reports import compare_report
+
+    out = _run_folder(args)
+    metrics = tuple(m.strip().lower() for m in args.metric.split(",") if m.strip())
+    try:
+        print(compare_report(out, args.a, args.b, metrics, args.margin, _board_options(args)))
+    except ValueError as exc:
+        print(f"harness compare: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from leaderboard.reports import rank_report
+
+    out = _run_folder(args)
+    try:
+        print(rank_report(out, _board_options(args)))
+    except ValueError as exc:
+        print(f"harness rank: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from harness.cases import CaseError
+    from leaderboard.show import ShowError, show_case
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    try:
+        target = show_case(args.out_dir, args.case, args.data, models=models, output=args.output)
+    except (ShowError, CaseError) as exc:
+        print(f"harness show: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {target}")
     return 0
 
 
@@ -325,6 +403,15 @@ def _add_model_sources(p: argparse.ArgumentParser, weights_metavar: str = "NAME=
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
 
 
+def _add_statistics(p: argparse.ArgumentParser) -> None:
+    """--bootstrap and --seed: the resampling behind every interval, paired test and rank stability.
+    (Defaults: leaderboard.stats, not imported here: every command, predict in a container too, parses this.)"""
+    p.add_argument("--bootstrap", type=_positive_int, default=None, metavar="N",
+                   help="bootstrap resamples for the 95%% confidence intervals and rank stability (default 2000)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the resampling: the same seed gives the same intervals (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harness",
@@ -361,9 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="docker runner: the container's memory limit (default 8G, the challenge's); a case killed "
                         "at the limit is an error")
     p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
+    p.add_argument("--metrics", type=_metrics_arg, default=("dsc", "nsd"), metavar="M1,M2,...",
+                   help=_METRICS_HELP + "; stored per case in results.jsonl. A resumed run does not rescore the "
+                        "cases already finished: use a new --out to add metrics to a finished run, or "
+                        "`harness score` on its segs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-published", action="store_true",
                    help="leave the published reference rows out of the leaderboard")
+    _add_statistics(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("predict", help="segment every *.npz of a folder with one model (a container's predict.sh)",
@@ -408,14 +500,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgs", help="folder of the input cases, for the 3D spacing of gts files that lack it")
     p.add_argument("-o", "--output", help="CSV file to write (default: stdout)")
     p.add_argument("--workers", type=_positive_int, default=1, help="processes to score with")
+    p.add_argument("--metrics", type=_metrics_arg, default=("dsc", "nsd"), metavar="M1,M2,...",
+                   help=_METRICS_HELP + "; extra metrics are columns after nsd")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("leaderboard", help="render the markdown leaderboard of a run folder")
+    p = sub.add_parser("leaderboard", help="render the markdown leaderboard of a run folder (with CIs, paired "
+                                           "tests, ranking and figures)",
+                       description="Write OUT_DIR/leaderboard.md, OUT_DIR/summary.json and the figures "
+                                   "(leaderboard-*.png, beside the markdown) of a run folder.")
     p.add_argument("out_dir", help="a `harness run` output folder")
     p.add_argument("-o", "--output", help="markdown file to write (default: OUT_DIR/leaderboard.md)")
     p.add_argument("--no-published", action="store_true",
                    help="leave the published reference rows (marked '(published)') out")
+    _add_statistics(p)
+    p.add_argument("--rank-weights", default=None, metavar="dsc=1,nsd=1,time=1",
+                   help="weights of the metrics in the challenge-style ranking (default dsc=1,nsd=1,time=1; "
+                        "hd95 and masd may be added where they were computed)")
+    p.add_argument("--no-figures", action="store_true", help="write no PNG figures")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("compare", help="one pair of entries in detail: A - B per modality, CIs, Wilcoxon, "
+                                       "non-inferiority",
+                       description="Compare entry A with entry B of a run folder on the cases both finished: the "
+                                   "mean paired difference per modality and overall with bootstrap 95% CIs, "
+                                   "Wilcoxon signed-rank p-values and the verdict at 5%. With --margin M, say "
+                                   "whether A is non-inferior to B: the lower CI bound of A - B is above -M points.")
+    p.add_argument("out_dir", help="a `harness run` output folder")
+    p.add_argument("a", help="entry A (e.g. litemedsam[bf16]; see the leaderboard's paired table)")
+    p.add_argument("b", help="entry B (e.g. litemedsam)")
+    p.add_argument("--metric", default="dsc,nsd", help="metrics to compare (default dsc,nsd)")
+    p.add_argument("--margin", type=_positive_float, default=None, metavar="POINTS",
+                   help="non-inferiority margin in points of % (e.g. 0.5)")
+    _add_statistics(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("rank", help="challenge-style ranking of a run folder's entries, with bootstrap stability",
+                       description="Rank then aggregate: every case ranks the entries on each metric (ties "
+                                   "averaged; a failed or missing case takes the worst value), ranks are averaged "
+                                   "over cases and weighted metrics; also aggregate-then-rank, and how stable the "
+                                   "ranking is under bootstrap resampling of the cases. Challenge-style: not the "
+                                   "official CVPR 2024 code, which is not published.")
+    p.add_argument("out_dir", help="a `harness run` output folder")
+    p.add_argument("--weights", dest="rank_weights", default=None, metavar="dsc=1,nsd=1,time=1",
+                   help="metric weights (default dsc=1,nsd=1,time=1; also hd95, masd where computed)")
+    _add_statistics(p)
+    p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("show", help="one case as a PNG: the image with its boxes, the ground truth and each "
+                                    "model's segmentation",
+                       description="Draw CASE (a file name of --data's imgs/, with or without .npz) of a run folder: "
+                                   "the image with its boxes, the ground truth when gts/ has it, and each entry's "
+                                   "segmentation with its DSC/NSD, side by side; 3D cases as three slices of the "
+                                   "first box's z-range. Writes OUT_DIR/show-<case>.png unless -o.")
+    p.add_argument("out_dir", help="a `harness run` output folder")
+    p.add_argument("case", help="case file name, e.g. 2DBox_US_hc18-158 (.npz optional)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated entries to show (default: every entry with a seg for the case)")
+    p.add_argument("--data", default=str(DEMO_DIR),
+                   help="folder with imgs/*.npz and optionally gts/*.npz (default: the bundled demo set)")
+    p.add_argument("-o", "--output", default=None, help="PNG file to write (default: OUT_DIR/show-<case>.png)")
+    p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("plugins", help="list the loaded plugins, their versions and segmenters")
     p.set_defaults(func=cmd_plugins)

@@ -228,7 +228,8 @@ def compare_pair(frame: pd.DataFrame, a: str, b: str, metric: str = "dsc", resam
     wins/losses/ties and the same per modality."""
     joined = _paired_frame(frame, a, b, metric)
     values = {m: g["diff"].to_numpy(float) for m, g in joined.groupby("modality")}
-    overall, per_modality = _estimates(values, resamples, _rng(seed, a, b, metric))
+    # one stream per unordered pair: B - A's interval is exactly the negation of A - B's
+    overall, per_modality = _estimates(values, resamples, _rng(seed, *sorted((a, b)), metric))
     diff = joined["diff"].to_numpy(float)
     detail = {}
     for m, e in per_modality.items():

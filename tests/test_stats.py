@@ -140,6 +140,8 @@ def test_paired_comparison_by_hand():
     same = stats.compare_pair(f, "a", "c", "dsc", 2000, 0)
     assert same.effect.cases == 12 and same.verdict == stats.NOT_SEPARABLE and same.non_inferior(0.5) is True
     assert dsc.non_inferior(0.5) is True and stats.compare_pair(f, "b", "a", "dsc").non_inferior(0.5) is False
+    mirrored = stats.compare_pair(f, "b", "a", "dsc", 2000, 0)  # the same resamples, whichever comes first
+    assert (mirrored.effect.lo, mirrored.effect.hi) == pytest.approx((-dsc.effect.hi, -dsc.effect.lo))
 
 
 def test_paired_comparisons_are_holm_corrected_over_the_pairs():
@@ -237,8 +239,13 @@ def test_leaderboard_shows_intervals_pairs_ranking_and_figures(tmp_path):
     assert dsc_cell.startswith("71.75 [") and dsc_cell.endswith("]")  # CT mean 0.635, US 0.8: (0.635 + 0.8) / 2
     assert "## Paired comparisons" in text and "| `a` | `b` |" in " ".join(text.split(" "))
     assert "## Challenge-style ranking" in text and "not the official CVPR 2024 rule" in text
+    from matplotlib.image import imread
+
     for name in ("leaderboard-modality-ci.png", "leaderboard-runtime-dsc.png", "leaderboard-rank-stability.png"):
-        assert f"]({name})" in text and (tmp_path / name).stat().st_size > 1000
+        assert f"]({name})" in text
+        pixels = imread(tmp_path / name)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 400 and pixels[..., :3].var() > 1e-3  # not blank
+    assert "leaderboard-" not in render_markdown(tmp_path, options=BoardOptions(bootstrap=50))  # no figures asked
     data = json.loads((tmp_path / "summary.json").read_text())
     a = next(m for m in data["models"] if m["model"] == "a")
     assert a["dsc_ci"][0] <= a["dsc"] <= a["dsc_ci"][1] and a["per_modality"]["CT"]["dsc_ci"] is not None

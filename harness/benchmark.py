@@ -91,14 +91,14 @@ class Variant:
 
 def default_variants() -> list[Variant]:
     """faithful, fast, and where this machine can: fast+bf16 and each export backend whose packages
-    (runtime and exporter: :func:`models.backends.missing_packages`) are all installed."""
-    from models.backends import BACKENDS, missing_packages
+    (runtime and exporter: :func:`harness.choices.missing_packages`) are all installed."""
+    from harness import choices
     from models.engine import cpu_bf16_support
 
     names = ["faithful", "fast"]
     if cpu_bf16_support():
         names.append("fast+bf16")
-    names += [f"fast+{backend}" for backend in BACKENDS if not missing_packages(backend)]
+    names += [f"fast+{backend}" for backend in choices.EXPORT_BACKENDS if not choices.missing_packages(backend)]
     return [Variant.parse(n) for n in names]
 
 
@@ -206,7 +206,7 @@ def run_bench(config: BenchConfig, plugins: HarnessPlugins | None = None, log: C
     import torch
 
     from models.complexity import encoder_flops
-    from harness.runner import default_threads
+    from harness.profiling import default_threads
 
     plugins = plugins or HarnessPlugins()
     specs = [plugins.get(name) for name in config.models]

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from harness import __version__
-from harness.pluginmanager import PluginError, UnknownSegmenterError
+from harness.choices import BACKENDS, DEFAULT_BACKEND, DEFAULT_PATH, DEFAULT_PRECISION, DEFAULT_RUNNER, PATHS, PRECISIONS
+from harness.pluginmanager import PluginError, UnknownRunnerError, UnknownSegmenterError
 from harness.results import StoreLockedError
-from harness.specs import DEFAULT_BACKEND, DEFAULT_PATH
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
@@ -62,9 +62,19 @@ def _weights_dir(args: argparse.Namespace, command: str) -> Path | None:
     return folder
 
 
+def _runner_options(args: argparse.Namespace) -> dict:
+    """The ``--ray-*`` flags as ``RunConfig.runner_options["ray"]`` (only those given)."""
+    ray = {key: getattr(args, f"ray_{key}") for key in ("address", "workers", "cpus_per_worker", "gpus_per_worker")
+           if getattr(args, f"ray_{key}") is not None}
+    ray.update({key: True for key in ("exclusive", "shared_data") if getattr(args, f"ray_{key}")})
+    if ray and (args.runner or DEFAULT_RUNNER) != "ray":
+        raise SystemExit(f"harness run: the --ray-* options need --runner ray (not {args.runner or DEFAULT_RUNNER})")
+    return {"ray": ray} if ray else {}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.external import RunnerError
-    from harness.runner import RunConfig, run
+    from harness.run import RunConfig, run
+    from harness.runners.base import RunnerError
     from leaderboard import write_leaderboard
 
     _board_options(args)  # bad statistics settings stop the command before any case runs
@@ -88,7 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         path=args.path,
         precision=args.precision,
         backend=args.backend,
-        runner=args.runner or ("docker" if args.image else "native"),
+        runner=args.runner or ("docker" if args.image else DEFAULT_RUNNER),
+        runner_options=_runner_options(args),
         image=args.image,
         timeout=args.timeout,
         memory=args.memory or "8G",
@@ -255,12 +266,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     plugins = HarnessPlugins()
     specs = plugins.segmenters()
+    runners = plugins.runners()
     for info in plugins.plugins():
         print(f"{info.name}  {info.distribution} {info.version}  ({info.module})")
         for seg in info.segmenters:
             spec = specs[seg]
             res = f"{spec.resolution}px" if spec.resolution else "-"
             print(f"    {seg:<12} {spec.title}  [{spec.family}, {res}]  {spec.reference}")
+        for name in info.runners:
+            runner = runners[name]
+            print(f"    runner {name:<12} {runner.timing_mode:<11} {runner.description}")
     for message in plugins.failed.values():
         print(f"FAILED: {message}")
     return 0 if not plugins.failed else 1
@@ -276,22 +291,13 @@ def _image_weights(args: argparse.Namespace, command: str) -> dict[str, Path]:
     return weights
 
 
-def _image_parts(model: str, weights: dict[str, Path]) -> dict[str, Path]:
-    """Weights of the segmenters a model is built from (a distilled student's decoder donor)."""
-    from models.zoo import DONORS
-
-    if not model.endswith("-distilled"):
-        return {}
-    return {name: path for name, path in weights.items() if name in DONORS and name != model}
-
-
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from harness.container.engine import EngineUnavailable, connect
-    from harness.container.images import ImageBuildError, build_image
+    from harness.container.images import ImageBuildError, build_image, image_parts
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
@@ -308,7 +314,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     for model in models:
         try:
             info = build_image(model, tag=args.tag, weights=weights.get(model), client=client, log=_stderr,
-                               extra_weights=_image_parts(model, weights))
+                               extra_weights=image_parts(model, weights))
         except (ImageBuildError, ValueError, FileNotFoundError, UnknownSegmenterError) as exc:
             print(f"harness build: {model}: {exc}", file=sys.stderr)
             failed += 1
@@ -319,7 +325,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from harness.container.engine import EngineUnavailable, connect
-    from harness.container.images import ImageBuildError, build_image, export_image, team_from_archive
+    from harness.container.images import ImageBuildError, build_image, export_image, image_parts, team_from_archive
 
     out = Path(args.output).expanduser()
     team = (args.team or team_from_archive(out)).lower()
@@ -331,7 +337,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     try:
         info = build_image(args.model, tag=args.tag, weights=weights.get(args.model), client=client, log=_stderr,
-                           extra_weights=_image_parts(args.model, weights))
+                           extra_weights=image_parts(args.model, weights))
         export_image(client, info.tag, out, team, log=_stderr)
     except (ImageBuildError, ValueError) as exc:
         print(f"harness export: {exc}", file=sys.stderr)
@@ -367,15 +373,15 @@ def _add_image_parsers(sub) -> None:
 
 def _add_execution_choices(p: argparse.ArgumentParser) -> None:
     """--path, --precision and --backend, shared by run and predict."""
-    p.add_argument("--path", choices=("faithful", "fast"), default=DEFAULT_PATH,
+    p.add_argument("--path", choices=PATHS, default=DEFAULT_PATH,
                    help="execution path of the torch segmenters: fast (default: 3D slices encoded once per case "
                         "and cached, on the backend --backend picks, BatchNorm folded on torch; the upstream masks "
                         "within the reference bars) or faithful (the upstream call pattern on torch, stored as "
                         "NAME[faithful])")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="numeric precision of the torch segmenters' image encoder: fp32 (default) or bf16 "
                         "(needs a CPU with AMX or AVX512-BF16, detected at run time, or a GPU)")
-    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "openvino"), default=DEFAULT_BACKEND,
+    p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
                    help="what executes the encoder and decoder: torch, or a graph exported from it (once per "
                         "weights file, cached) run by onnxruntime or openvino. auto (default): openvino on the "
                         "fast path where medsam-harness[backends] is installed (parity-tested for every built-in "
@@ -433,11 +439,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most N cases, taken round-robin over modalities (for quick checks)")
     _add_model_sources(p)
     _add_execution_choices(p)
-    p.add_argument("--runner", choices=("native", "subprocess", "docker"), default=None,
-                   help="native: in this process, a case's time is its segmentation (default); subprocess: one "
-                        "`harness predict` process per case, docker: one container per case (`sh predict.sh`, "
-                        "as the challenge times it), both timed end to end (start, model load, I/O included) "
-                        "and stored as separate entries, e.g. litemedsam[docker]")
+    p.add_argument("--runner", default=None, metavar="NAME",
+                   help="how cases are executed: native (default: in this process, a case's time is its "
+                        "segmentation), subprocess (one `harness predict` process per case) or docker (one "
+                        "container per case, `sh predict.sh` as the challenge runs it), both timed end to end "
+                        "(start, model load, I/O included); ray (a Ray cluster, see --ray-*); or a runner a "
+                        "plugin adds (`harness plugins` lists them). Entries of a runner other than native are "
+                        "stored under their own names, e.g. litemedsam[docker]")
+    ray = p.add_argument_group("ray runner (--runner ray; pip install -e '.[ray]')")
+    ray.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                     help="join this Ray cluster (`ray start --head` on one machine, `ray start --address` on the "
+                          "others); default: start a local Ray instance for this run")
+    ray.add_argument("--ray-workers", type=_positive_int, default=None, metavar="N",
+                     help="workers (each loads the model once; default: as many as the cluster's CPUs allow)")
+    ray.add_argument("--ray-cpus-per-worker", type=_positive_float, default=None, metavar="C",
+                     help="CPUs each worker reserves (default 1)")
+    ray.add_argument("--ray-gpus-per-worker", type=float, default=None, metavar="G",
+                     help="GPUs each worker reserves (default 0)")
+    ray.add_argument("--ray-exclusive", action="store_true",
+                     help="at most one case per node at a time, timed in-process per node (default: cases "
+                          "share nodes and are recorded with timing mode 'distributed')")
+    ray.add_argument("--ray-shared-data", action="store_true",
+                     help="workers read --data themselves (every node mounts it at the same path); default: the "
+                          "driver ships each case's bytes through Ray's object store")
     p.add_argument("--image", default=None, metavar="TAG_OR_TARBALL",
                    help="docker runner: evaluate this image (a tag, or a submission team.tar.gz, loaded first) "
                         "instead of building the harness's own image of --models; implies --runner docker")
@@ -561,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="PNG file to write (default: OUT_DIR/show-<case>.png)")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("plugins", help="list the loaded plugins, their versions and segmenters")
+    p = sub.add_parser("plugins", help="list the loaded plugins, their versions, segmenters and runners")
     p.set_defaults(func=cmd_plugins)
 
     _add_image_parsers(sub)  # harness build / harness export (docker images)
@@ -582,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                 else "finished cases are kept, run the same command again to resume")
         print(f"interrupted; {hint}", file=sys.stderr)
         return 130
-    except (UnknownSegmenterError, PluginError, StoreLockedError, FileNotFoundError) as exc:
+    except (UnknownSegmenterError, UnknownRunnerError, PluginError, StoreLockedError, FileNotFoundError) as exc:
         print(f"harness {args.command}: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:

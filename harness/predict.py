@@ -4,7 +4,7 @@
 :class:`~harness.specs.LoadOptions` of ``harness run``), then for every ``IN/*.npz`` (or
 ``IN/imgs/*.npz``) in name order loads the case, segments it and writes ``OUT/<same name>`` with
 the key ``segs`` (uint16). The segmentation is the native runner's own code path
-(:func:`harness.runner.timed_segment` and :func:`harness.runner.check_segs`). A case that fails is
+(:func:`harness.runners.case.timed_segment` and :func:`harness.runners.case.check_segs`). A case that fails is
 reported on stderr with its file and the problem, and the others still run; the exit status is
 non-zero if any case failed.
 
@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.cases import discover_cases, load_case, save_segs
+from harness.choices import DEFAULT_BACKEND, DEFAULT_PATH, DEFAULT_PRECISION
 from harness.pluginmanager import HarnessPlugins
-from harness.specs import DEFAULT_BACKEND, DEFAULT_PATH
+from harness.profiling import default_threads, pin_threads
+from harness.runners.case import check_segs, error_text, load_options, timed_segment
 
 
 @dataclass
@@ -61,7 +63,7 @@ def predict(
     threads: int | None = None,
     device: str = "cpu",
     path: str = DEFAULT_PATH,
-    precision: str = "fp32",
+    precision: str = DEFAULT_PRECISION,
     backend: str = DEFAULT_BACKEND,
     plugins: HarnessPlugins | None = None,
     log=print,
@@ -71,18 +73,18 @@ def predict(
     Raises FileNotFoundError for a missing input folder, and whatever the segmenter's loader raises
     when the model cannot load.
     """
-    from harness import runner
+    from harness.run import RunConfig
 
     inputs, outputs = Path(inputs), Path(outputs)
     plugins = plugins or HarnessPlugins()
     spec = plugins.get(model)
     cases = discover_cases(inputs)
-    config = runner.RunConfig(models=[model], data_dir=inputs, out_dir=outputs, weights=dict(weights or {}),
-                              weights_dir=weights_dir, allow_pickle=allow_pickle, threads=threads, device=device,
-                              path=path, precision=precision, backend=backend)
-    threads = threads or runner.default_threads()
-    runner._pin_threads(threads)
-    segmenter = spec.load(runner.load_options(spec, config, threads))
+    config = RunConfig(models=[model], data_dir=inputs, out_dir=outputs, weights=dict(weights or {}),
+                       weights_dir=weights_dir, allow_pickle=allow_pickle, threads=threads, device=device,
+                       path=path, precision=precision, backend=backend)
+    threads = threads or default_threads()
+    pin_threads(threads)
+    segmenter = spec.load(load_options(spec, config, threads))
     outputs.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
     for case_path in cases:
@@ -90,12 +92,12 @@ def predict(
         try:
             case = load_case(case_path)
             stage = "segmenting"
-            segs, seconds, _ = runner.timed_segment(segmenter, case)
-            segs = runner.check_segs(segs, case)
+            segs, seconds, _ = timed_segment(segmenter, case)
+            segs = check_segs(segs, case)
             stage = "writing segs"
             save_segs(outputs / case_path.name, segs)
         except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
-            message = f"while {stage}: {runner._error_text(exc, case_path)}"
+            message = f"while {stage}: {error_text(exc, case_path)}"
             report.failed[case_path.name] = message
             print(f"harness predict: error: {message}", file=sys.stderr, flush=True)
             continue

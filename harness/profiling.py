@@ -11,6 +11,8 @@ the libraries count, as they do for the challenge's ``/usr/bin/time`` figures.
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -18,6 +20,22 @@ import psutil
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def default_threads() -> int:
+    """CPUs this process may use (its affinity mask), the thread count a run pins by default."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def pin_threads(threads: int) -> None:
+    """Pin torch's intra-op threads if torch is already loaded (segmenters that load it later pin it
+    themselves from ``LoadOptions.threads``); this never imports torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def _read_hwm_kb() -> int | None:

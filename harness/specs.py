@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from harness.cases import Case
+from harness.choices import DEFAULT_BACKEND, DEFAULT_PATH, DEFAULT_PRECISION
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,6 @@ class Reported:
     hardware: str | None = None
 
 
-DEFAULT_PATH = "fast"
-"""The execution path runs use unless told otherwise: the fast path, parity-tested for every built-in
-model against the upstream references (tests/test_zoo_e2e.py) and never slower than the faithful one
-in `harness bench` (README, Performance)."""
-
-DEFAULT_BACKEND = "auto"
-"""The backend runs use unless told otherwise: ``"auto"``, the fastest backend parity-tested for every
-built-in model that is installed: openvino on the fast path where ``medsam-harness[backends]`` is
-installed, else torch (:func:`models.backends.resolve_backend`)."""
-
-
 @dataclass(frozen=True)
 class LoadOptions:
     """What the runner hands a segmenter's loader.
@@ -72,7 +62,7 @@ class LoadOptions:
     all_weights: Mapping[str, Path] = field(default_factory=dict)
     allow_pickle: bool = False
     path: str = DEFAULT_PATH
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     backend: str = DEFAULT_BACKEND
 
 

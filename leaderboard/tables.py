@@ -143,6 +143,8 @@ def model_summary(frame: pd.DataFrame, models: dict[str, dict]) -> pd.DataFrame:
             "errors": int((sub["status"] != "ok").sum()),
             "nan_dsc": int((ok["dsc"].isna() & _has_gt(ok)).sum()),
         }
+        modes = sub["timing_mode"].dropna()
+        row["timing_mode"] = modes.mode().iloc[0] if not modes.empty else None
         for dim in ("2D", "3D"):
             part = ok[ok["dim"] == dim]
             row[f"runtime_{dim}"] = part["seconds"].mean() if not part.empty else float("nan")
@@ -245,16 +247,18 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
             _fmt_estimate(analysis.overall(r["model"], "dsc"), r["dsc"], overall=True),
             _fmt_estimate(analysis.overall(r["model"], "nsd"), r["nsd"], overall=True),
             *[_fmt(r[d], ".2f") for d in distances],
-            _fmt(r["runtime_2D"], ".2f", "s"),
-            _fmt(r["runtime_3D"], ".2f", "s"),
-            _fmt(r["memory_2D"], ".0f", "MB"),
-            _fmt(r["memory_3D"], ".0f", "MB"),
+            *_timed([_fmt(r["runtime_2D"], ".2f", "s"), _fmt(r["runtime_3D"], ".2f", "s"),
+                     _fmt(r["memory_2D"], ".0f", "MB"), _fmt(r["memory_3D"], ".0f", "MB")], r["timing_mode"]),
             cases,
         ])
         rep = _reported_of(models, r["model"]) if reported and r["model"] in carriers else None
         if rep:  # the publications give no distances: blank cells in those columns
             body.extend(row[:6] + ["-"] * len(distances) + row[6:] for row in _reported_rows(r, rep))
     lines.append(tabulate(body, headers=headers, tablefmt="github", disable_numparse=True))
+    if (summary["timing_mode"] == DISTRIBUTED).any():
+        lines += ["", f"{DISTRIBUTED_MARK} Timing mode distributed (`--runner ray`): cases shared a node's CPUs with "
+                      "other cases, so these runtimes and memory figures are not comparable with in-process or "
+                      "end-to-end ones (`--ray-exclusive` times one case per node at a time)."]
     overhead = runner_overhead(frame, models)
     if not overhead.empty:
         lines += ["", "## Runner overhead (seconds per case)", "", _overhead_text(overhead)]
@@ -380,6 +384,16 @@ def ranking_text(analysis: Analysis) -> str:
     return intro + "\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
+DISTRIBUTED_MARK = "(d)"
+
+
+def _timed(cells: list[str], timing_mode: str | None) -> list[str]:
+    """Runtime and memory cells, marked where the figures come from a distributed run."""
+    if timing_mode != DISTRIBUTED:
+        return cells
+    return [f"{c} {DISTRIBUTED_MARK}" if c != "-" else c for c in cells]
+
+
 def _untagged_backends(frame: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     """The backends the records of untagged rows with an execution path name (sorted, distinct)."""
     if "backend" not in frame:
@@ -388,60 +402,91 @@ def _untagged_backends(frame: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     return sorted({str(b) for b in frame[frame["model"].isin(plain)]["backend"].dropna()})
 
 
-RUNNER_ORDER = ("native", "subprocess", "docker")
-RUNNER_LABELS = {"native": "in-process", "subprocess": "subprocess", "docker": "docker"}
-OVERHEADS = (("subprocess", "native"), ("docker", "subprocess"), ("docker", "native"))
+#: Labels and order of the built-in runners, for run folders written before models.json recorded them
+#: (each entry's ``runner_label`` / ``runner_order``, written by the driver for every runner, plugins' too).
+BUILTIN_RUNNER_FACTS = {"native": ("in-process", 0), "subprocess": ("subprocess", 10), "docker": ("docker", 20),
+                        "ray": ("ray (distributed)", 30)}
+DISTRIBUTED = "distributed"
+
+
+def runner_facts(models: dict[str, dict]) -> dict[str, tuple[str, int]]:
+    """``{runner: (label, order)}`` of the runners named in models.json, built-ins always included."""
+    facts = dict(BUILTIN_RUNNER_FACTS)
+    for info in models.values():
+        name = info.get("runner")
+        if name and info.get("runner_label") is not None:
+            facts[name] = (str(info["runner_label"]), int(info.get("runner_order", 100)))
+    return facts
+
+
+def overhead_pairs(runners: list[str]) -> list[tuple[str, str]]:
+    """The differences the overhead table shows, for runners in table order: each runner minus the one
+    before it, then each later runner minus the first (subprocess - in-process, docker - subprocess,
+    docker - in-process for the built-ins)."""
+    pairs = [(runners[i + 1], runners[i]) for i in range(len(runners) - 1)]
+    return pairs + [(r, runners[0]) for r in runners[2:]]
 
 
 def runner_overhead(frame: pd.DataFrame, models: dict[str, dict]) -> pd.DataFrame:
     """Per segmenter run under more than one runner (same other choices: path, precision, backend):
     the mean seconds per case under each runner, on the cases every one of them finished, and the
-    mean per-case differences subprocess - in-process, docker - subprocess and docker - in-process."""
+    mean per-case differences (:func:`overhead_pairs`). Entries timed ``distributed`` (cases sharing a
+    node's CPUs) are left out: their times are not comparable. The frame's ``attrs["runners"]`` lists
+    the runners of its columns, in order."""
     ok = frame[(frame["status"] == "ok") & frame["seconds"].notna()]
+    facts = runner_facts(models)
     groups: dict[tuple[str, tuple[str, ...]], dict[str, str]] = {}
     for model in dict.fromkeys(ok["model"].dropna()):
         sub = ok[ok["model"] == model]
         runners = sub["runner"].dropna()
         runner = runners.mode().iloc[0] if not runners.empty else "native"
-        if runner not in RUNNER_ORDER:
+        modes = sub["timing_mode"].dropna()
+        if not modes.empty and modes.mode().iloc[0] == DISTRIBUTED:
             continue
         info = models.get(model, {})
         segmenter = info.get("segmenter") or (sub["segmenter"].dropna().iloc[0]
                                               if "segmenter" in sub and sub["segmenter"].notna().any() else model)
-        base = tuple(t for t in (info.get("tags") or []) if t not in RUNNER_ORDER)
+        base = tuple(t for t in (info.get("tags") or []) if t != runner)
         groups.setdefault((segmenter, base), {}).setdefault(runner, model)
+    groups = {key: by_runner for key, by_runner in groups.items() if len(by_runner) >= 2}
+    present = sorted({r for by_runner in groups.values() for r in by_runner},
+                     key=lambda r: (facts.get(r, (r, 100))[1], r))
+    pairs = overhead_pairs(present)
     rows = []
     for (segmenter, base), by_runner in groups.items():
-        if len(by_runner) < 2:
-            continue
         times = {runner: ok[ok["model"] == model].set_index("case")["seconds"] for runner, model in by_runner.items()}
         shared = sorted(set.intersection(*(set(t.index) for t in times.values())))
         some = next(iter(by_runner.values()))
         title = models.get(some, {}).get("title") or segmenter
         row = {"segmenter": segmenter, "method": f"{title} [{', '.join(base)}]" if base else title,
                "cases": len(shared), "entries": dict(by_runner)}
-        for runner in RUNNER_ORDER:
+        for runner in present:
             row[runner] = float(times[runner].loc[shared].mean()) if runner in times and shared else float("nan")
-        for a, b in OVERHEADS:
+        for a, b in pairs:
             if a in times and b in times and shared:
                 row[f"{a}-{b}"] = float((times[a].loc[shared] - times[b].loc[shared]).mean())
             else:
                 row[f"{a}-{b}"] = float("nan")
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["runners"] = present
+    table.attrs["labels"] = {r: facts.get(r, (r, 100))[0] for r in present}
+    return table
 
 
 def _overhead_text(overhead: pd.DataFrame) -> str:
     intro = ("The same segmenter under each runner, on the cases all its runners finished: in-process times the "
-             "segmentation alone (the model loaded once); subprocess and docker time one whole run per case "
-             "(process or container start, imports, model load, reading the case, writing the output), as the "
-             "challenge times a submission. The differences are means of the per-case differences.")
-    headers = ["Method", "Cases"] + [RUNNER_LABELS[r] for r in RUNNER_ORDER] + [
-        f"{RUNNER_LABELS[a]} - {RUNNER_LABELS[b]}" for a, b in OVERHEADS]
+             "segmentation alone (the model loaded once); end-to-end runners (subprocess, docker) time one whole "
+             "run per case (process or container start, imports, model load, reading the case, writing the "
+             "output), as the challenge times a submission. The differences are means of the per-case "
+             "differences.")
+    runners, labels = overhead.attrs["runners"], overhead.attrs["labels"]
+    pairs = overhead_pairs(runners)
+    headers = ["Method", "Cases"] + [labels[r] for r in runners] + [f"{labels[a]} - {labels[b]}" for a, b in pairs]
     body = []
     for _, r in overhead.iterrows():
-        body.append([r["method"], str(r["cases"])] + [_fmt(r[runner], ".2f", "s") for runner in RUNNER_ORDER]
-                    + [_fmt(r[f"{a}-{b}"], "+.2f", "s") for a, b in OVERHEADS])
+        body.append([r["method"], str(r["cases"])] + [_fmt(r[runner], ".2f", "s") for runner in runners]
+                    + [_fmt(r[f"{a}-{b}"], "+.2f", "s") for a, b in pairs])
     return intro + "\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 

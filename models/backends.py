@@ -81,6 +81,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.choices import AUTO, EXPORT_BACKENDS, EXPORTER_PACKAGES, missing_packages, resolve_backend
+from harness.choices import missing as _missing_packages
 from models.engine import PRECISIONS, cpu_bf16_support
 
 __all__ = [
@@ -95,12 +97,9 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS = ("onnxruntime", "openvino")
-AUTO = "auto"
-
-# What each backend needs to export a model and to run it.
-_EXPORTER = ("onnx", "onnxscript")
-_NEEDS = {"onnxruntime": ("onnxruntime", *_EXPORTER), "openvino": ("openvino", *_EXPORTER)}
+# The vocabulary (which backends exist, what each needs installed, what ``auto`` picks) is torch-free
+# and lives in harness.choices; the harness resolves ``auto`` there without importing this module.
+BACKENDS = EXPORT_BACKENDS
 
 # Bump when the exported graphs change (inputs, outputs, exporter settings): old cache folders are
 # then left alone and new ones made.
@@ -112,35 +111,6 @@ _STALE_TEMP_SECONDS = 24 * 3600
 
 
 # ---------------------------------------------------------------------------------------------- API
-def missing_packages(backend: str) -> list[str]:
-    """The packages ``backend`` needs (to export and to run its graphs) that are not installed."""
-    return _missing(_NEEDS[backend])
-
-
-def _missing(packages) -> list[str]:
-    """Those of ``packages`` that cannot be imported, found without importing them (``find_spec``
-    also counts a module blocked by a None in sys.modules as missing)."""
-    import importlib.util
-
-    return [p for p in packages if importlib.util.find_spec(p) is None]
-
-
-def resolve_backend(requested: str, path: str = "fast", device: str = "cpu") -> str:
-    """The backend a run uses: ``requested`` itself, except ``"auto"`` (the default of ``harness run``).
-
-    ``"auto"`` is the fastest backend whose masks are parity-tested for every built-in model
-    (tests/test_backends.py, tests/test_zoo_e2e.py): ``"openvino"`` on the fast path on a CPU when
-    openvino, onnx and onnxscript are installed (``pip install 'medsam-harness[backends]'``), else
-    ``"torch"``.  The faithful path stays on torch: it is the upstream call pattern run by our own
-    model code, the reference every other path is compared with.
-    """
-    if requested != AUTO:
-        return requested
-    if path == "fast" and str(device).split(":")[0] == "cpu" and not missing_packages("openvino"):
-        return "openvino"
-    return "torch"
-
-
 def default_cache_dir() -> Path:
     """``$HARNESS_CACHE_DIR/exports`` if that variable is set, else ``~/.cache/medsam-harness/exports``."""
     root = os.environ.get("HARNESS_CACHE_DIR")
@@ -302,7 +272,7 @@ def _import_backend(backend: str) -> None:
 def _import_exporter() -> None:
     """Fail early, in this process, when the exporter's packages are missing (the export itself runs
     in a child process: :func:`_export_onnx`)."""
-    missing = _missing(_EXPORTER)
+    missing = _missing_packages(EXPORTER_PACKAGES)
     if missing:
         raise ImportError(f"exporting to ONNX (torch.onnx.export, dynamo exporter) needs {', '.join(missing)}: "
                           f"pip install {' '.join(missing)}, or {_INSTALL_HINT}")

@@ -26,6 +26,7 @@ import pytest
 import torch
 from torch import nn
 
+import harness.choices as choices
 import models.backends as backends
 from models import build_model, load_weights
 from models.backends import BACKENDS, compile_backend, default_cache_dir
@@ -531,11 +532,11 @@ def test_auto_picks_openvino_on_the_fast_path_when_installed(monkeypatch):
 
     for explicit in ("torch", "onnxruntime", "openvino"):  # a named backend is used as named
         assert resolve_backend(explicit, "faithful") == explicit
-    monkeypatch.setattr(backends, "missing_packages", lambda backend: [])
+    monkeypatch.setattr(choices, "missing_packages", lambda backend: [])
     assert resolve_backend("auto", "fast") == "openvino"
     assert resolve_backend("auto", "faithful") == "torch"  # the reference path stays on our torch code
     assert resolve_backend("auto", "fast", "cuda:0") == "torch"  # openvino runs here on the CPU only
-    monkeypatch.setattr(backends, "missing_packages", lambda backend: ["openvino"])
+    monkeypatch.setattr(choices, "missing_packages", lambda backend: ["openvino"])
     assert resolve_backend("auto", "fast") == "torch"
 
 
@@ -543,19 +544,20 @@ def test_auto_names_entries_by_what_ran(monkeypatch, tmp_path):
     """Untagged = the defaults on this machine; the faithful path is [faithful] alone (it runs torch
     under auto); a fast torch run beside an openvino default is [torch]."""
     from harness.pluginmanager import HarnessPlugins
-    from harness.runner import RunConfig, entry_name, resolved
+    from harness.choices import entry_name, resolved_backend
+    from harness.run import RunConfig
 
     spec = HarnessPlugins().get("litemedsam")
     base = dict(models=["litemedsam"], data_dir=tmp_path, out_dir=tmp_path)
-    monkeypatch.setattr(backends, "missing_packages", lambda backend: [])
-    assert resolved(RunConfig(**base)).backend == "openvino"
+    monkeypatch.setattr(choices, "missing_packages", lambda backend: [])
+    assert resolved_backend(RunConfig(**base)) == "openvino"
     names = {b: entry_name(spec, RunConfig(**base, backend=b)) for b in ("auto", "openvino", "torch", "onnxruntime")}
     assert names == {"auto": "litemedsam", "openvino": "litemedsam", "torch": "litemedsam[torch]",
                      "onnxruntime": "litemedsam[onnxruntime]"}
     assert entry_name(spec, RunConfig(**base, path="faithful")) == "litemedsam[faithful]"
     assert entry_name(spec, RunConfig(**base, path="faithful", backend="openvino")) == "litemedsam[faithful,openvino]"
-    monkeypatch.setattr(backends, "missing_packages", lambda backend: ["openvino"])
-    assert resolved(RunConfig(**base)).backend == "torch"
+    monkeypatch.setattr(choices, "missing_packages", lambda backend: ["openvino"])
+    assert resolved_backend(RunConfig(**base)) == "torch"
     assert entry_name(spec, RunConfig(**base)) == entry_name(spec, RunConfig(**base, backend="torch")) == "litemedsam"
 
 
@@ -563,7 +565,7 @@ def test_auto_falls_back_to_torch_when_the_export_fails(monkeypatch, seeded_mode
     """``auto`` never costs a run its model: a failed export warns and runs torch (and says so in
     describe()); a backend the user named raises."""
     model, _, _ = seeded_models("litemedsam")
-    monkeypatch.setattr(backends, "missing_packages", lambda backend: [])
+    monkeypatch.setattr(choices, "missing_packages", lambda backend: [])
 
     def broken(*args, **kwargs):
         raise RuntimeError("exporting the encoder to ONNX failed: unsupported op")

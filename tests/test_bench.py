@@ -39,15 +39,15 @@ def test_variant_names_round_trip_and_bad_parts_are_named():
 
 def test_default_variants_list_only_backends_that_can_export_and_run(monkeypatch):
     """A backend whose runtime is installed but whose exporter is not would only fail at load."""
-    import models.backends as backends
+    import harness.choices as choices
     import models.engine as engine
     from harness.benchmark import default_variants
 
     monkeypatch.setattr(engine, "cpu_bf16_support", lambda: False)
-    monkeypatch.setattr(backends, "missing_packages", lambda b: ["onnxscript"] if b == "openvino" else [])
+    monkeypatch.setattr(choices, "missing_packages", lambda b: ["onnxscript"] if b == "openvino" else [])
     assert [v.name for v in default_variants()] == ["faithful", "fast", "fast+onnxruntime"]
     monkeypatch.setattr(engine, "cpu_bf16_support", lambda: True)
-    monkeypatch.setattr(backends, "missing_packages", lambda b: [])
+    monkeypatch.setattr(choices, "missing_packages", lambda b: [])
     assert [v.name for v in default_variants()] == ["faithful", "fast", "fast+bf16", "fast+onnxruntime",
                                                     "fast+openvino"]
 

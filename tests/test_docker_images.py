@@ -131,7 +131,7 @@ def test_model_images_carry_labels_user_and_predict_sh(docker_client, images):
         assert not config.get("Volumes"), config.get("Volumes")  # no anonymous volume per container
         assert 0.3e9 < info.size_bytes < 1.8e9, f"{info.tag}: {info.size_bytes / 1e6:.0f} MB"
     # the backend `harness run` picks here (auto: openvino where installed): its graphs are baked in
-    from harness.runner import choice_defaults
+    from harness.choices import choice_defaults
 
     backend = choice_defaults()["backend"]
     labels = {m: docker_client.images.get(info.tag).labels for m, info in images.items()}

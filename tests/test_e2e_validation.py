@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from harness.cases import load_case
-from harness.runner import choice_defaults
+from harness.choices import choice_defaults
 from helpers import harness_cli
 from reference import require_data
 

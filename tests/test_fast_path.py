@@ -263,7 +263,8 @@ def test_runner_passes_the_choices_and_stores_each_variant_as_its_own_tagged_ent
     from harness import Reported, SegmenterSpec, hookimpl
     from harness.cli import build_parser
     from harness.pluginmanager import HarnessPlugins
-    from harness.runner import RunConfig, choice_defaults, run
+    from harness.choices import choice_defaults
+    from harness.run import RunConfig, run
     from harness.specs import ENGINE_CHOICES
     from helpers import DEMO
     from leaderboard import render_markdown
@@ -300,17 +301,20 @@ def test_runner_passes_the_choices_and_stores_each_variant_as_its_own_tagged_ent
         run(RunConfig(models=["pathy", "plain"], data_dir=DEMO, out_dir=out, limit=2, path=path,
                       precision=precision, progress=False), plugins)
     # every variant of pathy ran; plain honours no choices, so its finished cases were not run again.
-    # Loaders get the backend --backend auto resolved to: torch on the faithful path, on the fast path
-    # openvino where installed, else torch
+    # Loaders get --backend auto itself (a segmenter whose export fails under auto falls back to torch);
+    # the records name what auto resolves to: torch on the faithful path, on the fast path openvino where
+    # installed, else torch; a segmenter without the backend choice (plain) names none
     fast_backend = choice_defaults()["backend"]
-    assert seen == [("faithful", "fp32", "torch"), ("faithful", "fp32", "torch"), ("fast", "fp32", fast_backend),
-                    ("fast", "bf16", fast_backend)]
+    assert seen == [("faithful", "fp32", "auto"), ("faithful", "fp32", "auto"), ("fast", "fp32", "auto"),
+                    ("fast", "bf16", "auto")]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by_entry = {}
     for r in records:
-        by_entry.setdefault(r["model"], set()).add((r["segmenter"], r["path"], r["precision"]))
-    assert by_entry == {"pathy[faithful]": {("pathy", "faithful", "fp32")}, "plain": {("plain", "faithful", "fp32")},
-                        "pathy": {("pathy", "fast", "fp32")}, "pathy[bf16]": {("pathy", "fast", "bf16")}}
+        by_entry.setdefault(r["model"], set()).add((r["segmenter"], r["path"], r["precision"], r["backend"]))
+    assert by_entry == {"pathy[faithful]": {("pathy", "faithful", "fp32", "torch")},
+                        "plain": {("plain", "faithful", "fp32", None)},
+                        "pathy": {("pathy", "fast", "fp32", fast_backend)},
+                        "pathy[bf16]": {("pathy", "fast", "bf16", fast_backend)}}
     models = json.loads((out / "models.json").read_text())
     assert models["pathy[bf16]"]["tags"] == ["bf16"] and models["pathy"]["tags"] == []
     assert (out / "segs" / "pathy[faithful]").is_dir()

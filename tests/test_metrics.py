@@ -603,7 +603,7 @@ def test_score_cli_metrics_flag(tmp_path):
 
 def test_run_stores_distance_metrics_only_when_asked(tmp_path):
     from harness.results import read_records
-    from harness.runner import RunConfig, run
+    from harness.run import RunConfig, run
     from helpers import DEMO
 
     default_out, asked_out = tmp_path / "default", tmp_path / "asked"

@@ -13,7 +13,7 @@ import pytest
 
 from harness.cases import discover_cases
 from harness.results import ResultsStore, StoreLockedError, read_records
-from harness.runner import RunConfig, run
+from harness.run import RunConfig, run
 from helpers import DEMO, harness_cli, harness_popen, install_fake_plugin
 
 REQUIRED_FIELDS = {"model", "case", "modality", "dim", "dsc", "nsd", "seconds", "peak_rss_mb", "timing_mode",

@@ -125,6 +125,16 @@ class ImageInfo:
 
 
 # --------------------------------------------------------------------------- helpers
+def image_parts(model: str, weights: Mapping[str, Path]) -> dict[str, Path]:
+    """Weights of the segmenters a model is built from (a distilled student's decoder donor), baked into
+    its image beside its own."""
+    from models.zoo import DONORS
+
+    if not model.endswith("-distilled"):
+        return {}
+    return {name: Path(path) for name, path in weights.items() if name in DONORS and name != model}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/medsam-harness").expanduser()
 

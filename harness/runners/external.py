@@ -1,0 +1,136 @@
+"""What the end-to-end runners (``subprocess``, ``docker``, and plugins of that kind) share.
+
+For each case, as the challenge's ``CVPR24_time_eval.py`` does: a fresh inputs folder holding that one
+case, a fresh outputs folder, then one run of the segmenter over them by an *executor*, timed by the wall
+clock around the whole run (timing mode ``end-to-end``: process or container start, imports, model load,
+reading the case, inference and writing the output all count). Then ``OUTPUT/<case>.npz`` is read and
+checked (present under the case's name, key ``segs``, the case's spatial shape, integer labels) and
+saved and scored exactly as the native runner does (:func:`harness.runners.case.save_and_score`).
+
+A non-zero exit (with the tail of the log), a kill at the memory limit, a timeout, a missing or
+misnamed output and a wrong shape or dtype are each an error record naming the case file; the run
+goes on.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from harness.cases import Case, CaseError, load_case, load_segs
+from harness.choices import variant_tags
+from harness.runners.base import CaseRunError
+from harness.runners.case import (
+    Stage,
+    describe_case,
+    finish_record,
+    load_options,
+    model_info,
+    new_record,
+    record_error,
+    save_and_score,
+)
+
+if TYPE_CHECKING:
+    from harness.pluginmanager import HarnessPlugins
+    from harness.run import RunConfig
+    from harness.specs import SegmenterSpec
+
+TIMING_MODE = "end-to-end"
+LOG_TAIL_CHARS = 1500
+
+
+@dataclass
+class Outcome:
+    """What one external run of one case gave: the timed wall clock, the exit, memory, the log."""
+
+    seconds: float
+    exit_code: int | None
+    peak_mb: float | None
+    memory_method: str | None
+    log: str = ""
+    problem: str | None = None  # None: it exited 0 in time
+
+
+class Executor(Protocol):
+    """Runs the segmenter once over an inputs folder holding one case, into an outputs folder."""
+
+    runner: str
+    what: str
+
+    def execute(self, inputs: Path, outputs: Path, work: Path) -> Outcome:  # pragma: no cover - protocol
+        ...
+
+
+def log_tail(text: str, limit: int = LOG_TAIL_CHARS) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def with_log(problem: str, log: str) -> str:
+    tail = log_tail(log)
+    return f"{problem}; log tail:\n{tail}" if tail else f"{problem} (no log output)"
+
+
+def read_output(outputs: Path, case: Case, case_path: Path, what: str) -> np.ndarray:
+    """``OUTPUT/<case>.npz``, checked: present under the case's name, key ``segs``, the case's spatial
+    shape, integer labels. Raises :class:`CaseRunError` naming the case file."""
+    target = outputs / case.name
+    if not target.is_file():
+        found = sorted(p.name for p in outputs.iterdir() if not p.name.startswith("."))
+        listing = f"it wrote {', '.join(found)}" if found else "the outputs folder is empty"
+        raise CaseRunError(case_path, f"{what} wrote no output named {case.name} ({listing})")
+    try:
+        return load_segs(target, case.spatial_shape)
+    except CaseError as exc:
+        raise CaseRunError(case_path, f"output {case.name} of {what}: {exc.problem}") from None
+
+
+def run_external_case(executor, entry: str, segmenter: str, case_path: Path, config, threads: int | None) -> dict:
+    """One case through ``executor`` in fresh inputs/outputs folders; saved and scored as the native
+    runner does. Never raises for a problem of the case, the model or the image."""
+    record = new_record(entry, segmenter, case_path, config, threads, timing_mode=TIMING_MODE)
+    if executor.runner == "docker":
+        record.update(image=executor.image, memory_limit=executor.memory)
+    if config.timeout:
+        record["timeout_s"] = config.timeout
+    stage = Stage()
+    try:
+        case = load_case(case_path)
+        describe_case(record, case)
+        stage.name = f"running {executor.what}"
+        with tempfile.TemporaryDirectory(prefix="harness-case-", ignore_cleanup_errors=True) as tmp:
+            work = Path(tmp)
+            inputs, outputs = work / "inputs", work / "outputs"
+            inputs.mkdir()
+            outputs.mkdir()
+            shutil.copyfile(case_path, inputs / case_path.name)
+            # an image's non-root user must read the case and write its output
+            inputs.chmod(0o755)
+            (inputs / case_path.name).chmod(0o644)
+            outputs.chmod(0o777)
+            outcome = executor.execute(inputs, outputs, work)
+            record.update(seconds=outcome.seconds, peak_rss_mb=outcome.peak_mb, memory_method=outcome.memory_method,
+                          exit_code=outcome.exit_code)
+            if outcome.problem:
+                raise CaseRunError(case_path, outcome.problem)
+            stage.name = f"reading the output of {executor.what}"
+            segs = read_output(outputs, case, case_path, executor.what)
+        save_and_score(record, case, segs, case_path, config, stage)
+    except Exception as exc:  # noqa: BLE001 - one bad case never stops the run
+        record_error(record, stage, exc, case_path)
+    return finish_record(record)
+
+
+def describe_model(spec: SegmenterSpec, config, plugins: HarnessPlugins, threads: int, tags: list[str]) -> dict:
+    """The models.json entry of ``spec``: loaded once here, as the native runner does, for its facts
+    (parameters, FLOPs, weights and their checksum); the model is freed before any case runs."""
+    segmenter = spec.load(load_options(spec, config, threads))
+    try:
+        return model_info(spec, segmenter.describe(), plugins, tags)
+    finally:
+        del segmenter

@@ -666,7 +666,7 @@ def _weights_name(model: str, path: Path) -> str:
     return f"{model}{suffix}"
 
 
-def _check_model(model: str, weights: Path | None, extra: Mapping[str, Path]) -> tuple[Path | None, dict]:
+def check_model(model: str, weights: Path | None, extra: Mapping[str, Path]) -> tuple[Path | None, dict]:
     """Load ``model`` on the host as ``harness predict`` will in the image, so that a missing or unreadable
     weights file fails here, naming the file; returns the weights file used (None: none or bundled) and
     the segmenter's ``describe()``."""
@@ -715,7 +715,7 @@ def build_image(
     tag = normalize_tag(tag) if tag else default_tag(model)
     extra = {name: Path(path).expanduser() for name, path in (extra_weights or {}).items() if name != model}
     weights = Path(weights).expanduser() if weights is not None else None
-    weights, described = _check_model(model, weights, extra)
+    weights, described = check_model(model, weights, extra)
     runtime = ensure_runtime_image(client, log)
 
     files = dict(extra)

@@ -1,8 +1,9 @@
 """Atomic file writes: write a temp file beside the target, then rename it over the target.
 
 A reader (or a resumed run) sees either the old file or the complete new one, never half of it.
-Temp files are named ``.<name>.<random>.tmp``; a killed writer can leave one behind, and
-:func:`sweep_temp_files` removes them when a run folder is opened again.
+Temp files are named ``.<name>.<pid>-<random>.medsam-harness.tmp`` (:data:`TEMP_SUFFIX`): a name no other
+program uses, carrying the writer's process id. A killed writer can leave one behind;
+:func:`sweep_temp_files` removes those, and only those, in the folders a run writes.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
+
+TEMP_SUFFIX = ".medsam-harness.tmp"
 
 
 @contextlib.contextmanager
@@ -18,7 +21,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """``with atomic_writer(path, "w") as fh: ...`` replaces ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
     try:
         with os.fdopen(fd, mode) as fh:
@@ -35,11 +38,35 @@ def _umask() -> int:
     return mask
 
 
-def sweep_temp_files(folder: str | os.PathLike) -> int:
-    """Remove temp files a killed writer left under ``folder``; return how many."""
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that named ``tmp`` still runs (then its file is not stale)."""
+    try:
+        pid = int(tmp.name.rsplit(TEMP_SUFFIX, 1)[0].rsplit(".", 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # this process has no write open while it sweeps
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temp_files(folder: str | os.PathLike, recursive: Iterable[str] = ()) -> int:
+    """Remove the harness's own temp files (``.*`` + :data:`TEMP_SUFFIX`) that dead writers left in
+    ``folder`` itself and in its subfolders named in ``recursive`` (searched to any depth); return how
+    many. Nothing else is touched: files of other programs, whatever their names, and other folders."""
+    folder = Path(folder)
+    candidates = list(folder.glob(f".*{TEMP_SUFFIX}"))
+    for sub in recursive:
+        if (folder / sub).is_dir() and not (folder / sub).is_symlink():
+            candidates += (folder / sub).rglob(f".*{TEMP_SUFFIX}")
     removed = 0
-    for tmp in Path(folder).rglob(".*.tmp"):
-        if tmp.is_file():
+    for tmp in candidates:
+        if tmp.is_file() and not tmp.is_symlink() and not _writer_alive(tmp):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed

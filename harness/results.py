@@ -24,6 +24,7 @@ from harness.atomic import atomic_writer, sweep_temp_files
 RESULTS_FILE = "results.jsonl"
 MODELS_FILE = "models.json"
 LOCK_FILE = ".harness.lock"
+SEGS_DIR = "segs"
 
 
 class StoreLockedError(RuntimeError):
@@ -85,7 +86,7 @@ class ResultsStore:
             self._lock_fh.close()
             raise StoreLockedError(f"{self.out_dir}: another harness run is writing here") from None
         self._repair()
-        sweep_temp_files(self.out_dir)
+        sweep_temp_files(self.out_dir, recursive=(SEGS_DIR,))  # only where runs write, only our own names
         self._records = read_records(self.path)
 
     def _repair(self) -> None:

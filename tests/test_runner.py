@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import textwrap
@@ -267,12 +268,35 @@ def test_leaderboard_command_rerenders_a_run(tmp_path):
 
 
 def test_temp_files_of_a_killed_writer_are_swept(tmp_path):
-    stale = tmp_path / "segs" / "boxfill" / ".2DBox_US_1.npz.abc123.tmp"
+    dead = 2 ** 22 + 12345  # above the default pid_max: no process has it
+    stale = tmp_path / "segs" / "boxfill" / f".2DBox_US_1.npz.{dead}-abc123.medsam-harness.tmp"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a file")
+    top = tmp_path / f".results.jsonl.{dead}-x.medsam-harness.tmp"
+    top.write_bytes(b"")
+    alive = tmp_path / "segs" / f".a.npz.{os.getppid()}-y.medsam-harness.tmp"  # a live writer's: kept
+    alive.write_bytes(b"")
     with ResultsStore(tmp_path):
         pass
-    assert not stale.exists()
+    assert not stale.exists() and not top.exists() and alive.exists()
+
+
+def test_user_files_named_like_temporaries_survive(tmp_path):
+    """--out pointed at the data folder (or a parent of it): files the harness did not make survive, whatever
+    their names, and nothing outside the folders a run writes is swept."""
+    data = tmp_path / "data"
+    shutil.copytree(DEMO, data)
+    user_files = [data / "imgs" / ".scan_notes.tmp", data / "gts" / ".annot.tmp", data / "private" / "deep" /
+                  ".draft.tmp", data / ".notes.tmp", data / "segs" / ".mine.tmp",
+                  data / "private" / f".x.npz.{2 ** 22 + 7}-z.medsam-harness.tmp"]  # our name, not our folder
+    for path in user_files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's own")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    for out in (data, tmp_path):  # --out is the data folder, then its parent
+        run(RunConfig(models=["boxfill"], data_dir=data, out_dir=out, limit=2, progress=False))
+    for path, content in before.items():
+        assert path.is_file() and path.read_bytes() == content, f"{path} was changed or deleted"
 
 
 def test_peak_rss_sampler_fallback(monkeypatch):

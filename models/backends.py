@@ -32,7 +32,8 @@ share one export.  The IR is compiled for ``"CPU"`` with ``INFERENCE_NUM_THREADS
 for ``precision="fp32"``.  This matters because OpenVINO's CPU plugin *defaults* to bf16 on CPUs
 with AMX / AVX512-BF16.  ``precision="bf16"`` sets bf16 for the image encoder only, like the torch
 path's encoder autocast, and the decoder stays f32.  OpenVINO hands out its output buffers for
-reuse (upstream.md 9.1: a later ``infer()`` overwrites an earlier result), so every output is copied
+reuse (a later ``infer()`` overwrites an earlier result, as medficientsam's C++ runtime,
+``cpp/src/main.cpp``, found with its embedding cache), so every output is copied
 before it is returned.  After compiling, the resident pages of the IR's memory-mapped ``.bin`` are
 given back (:func:`release_mapped_pages`): the CPU plugin has repacked the weights into its own
 buffers, and without this RSS counts them twice (L0: +117 MB, which put the fast path 28% above the
@@ -575,5 +576,5 @@ class _OvGraph:
 
     def __call__(self, *arrays: np.ndarray) -> list:
         results = self.request.infer(list(arrays))
-        # Copies: the request reuses its output buffers at the next infer() (upstream.md 9.1).
+        # Copies: the request reuses its output buffers at the next infer().
         return [np.array(results[output], dtype=np.float32, copy=True) for output in self.compiled.outputs]

@@ -2,7 +2,7 @@
 
 Everything here is a small pure function (numpy, torch or cv2) so that each upstream
 pipeline can be assembled from the same parts by :mod:`models.engine`.  The upstream
-pipelines these functions reproduce are described in ``shared/research/upstream.md`` (section 2):
+pipelines these functions reproduce (read in bowang-lab/MedSAM, branch LiteMedSAM, and hieplpvip/medficientsam):
 
 * LiteMedSAM, ``CVPR24_LiteMedSAM_infer.py``: cv2 INTER_AREA letterbox on uint8 HWC,
   float64 min-max, zero pad, crop the 256 logits and resize to the original size,

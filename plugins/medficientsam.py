@@ -29,7 +29,8 @@ from harness.specs import ENGINE_CHOICES
 _SOURCE = "medficientsam README; medficientsam-reproduce README tables 1 and 2 (CVPR 2024 validation set)"
 _HARDWARE = "Intel Core i9-10900K"
 
-# Published figures (upstream.md section 7). "reproduced" = the reproduction README's -R columns.
+# Published figures (hieplpvip/medficientsam README.md; RicoLeehdu/medficientsam-reproduce README.md).
+# "reproduced" = the reproduction README's -R columns.
 _REPORTED = {
     "l0": dict(dsc=85.85, nsd=87.05, dsc_reproduced=84.93, nsd_reproduced=86.76, params_m=34.79, gflops=36.80,
                runtime_2d_s=0.9, runtime_3d_s=7.4, memory_2d_mb=448, memory_3d_mb=687),

@@ -3,7 +3,7 @@
 Ours: torch's FLOP counter halved to multiply-accumulates. Published: fvcore on models left in
 training mode, which adds 5 FLOPs per BatchNorm / LayerNorm output element; adding exactly that
 (``fvcore_style_macs``) must reproduce each published figure to its printed precision, which
-proves the gap is only that. Published figures: upstream.md section 7.
+proves the gap is only that. Published figures: hieplpvip/medficientsam README.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distillation and fine-tuning of MedficientSAM-L0/L1/L2 (upstream.md section 5).
+"""Distillation and fine-tuning of MedficientSAM-L0/L1/L2 (the recipes of hieplpvip/medficientsam, ``configs/experiment/``).
 
 ``harness train distill | finetune`` (:mod:`training.cli`) builds a :class:`training.config.TrainConfig`
 from an upstream preset, indexes the data (:mod:`training.data`), sets up the task

@@ -1,6 +1,6 @@
 """Training-time augmentation of an image and its label map (numpy + cv2 only).
 
-The recipes follow the MedficientSAM training configs (``shared/research/upstream.md`` section 5):
+The recipes follow the MedficientSAM training configs (hieplpvip/medficientsam, ``configs/data/``):
 
 * ``"full"``: HorizontalFlip(p=0.5), VerticalFlip(p=0.5), ShiftScaleRotate(shift 0.0625,
   scale 0.2, rotate 90, constant-0 border, p=0.5): the fine-tuning "augmented" recipe.

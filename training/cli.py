@@ -2,7 +2,7 @@
 
 Examples (see the README, section Training)::
 
-    harness train distill --student l0 --data ../shared/data/validation --out runs/distill-l0 \\
+    harness train distill --student l0 --data DATA --out runs/distill-l0 \\
         --steps 200 --batch-size 4 --set lr=1e-3
     harness train finetune --model l0 --init runs/distill-l0/model.pt --data DIR --out runs/ft-l0
     torchrun --nproc-per-node 4 -m training.cli distill --student l1 --teacher medsam=medsam_vit_b.pth ...
@@ -23,7 +23,7 @@ from .config import PRESETS, TrainConfig, preset
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` with its ``distill`` / ``finetune`` subcommands to the harness CLI."""
     train = sub.add_parser("train", help="distil or fine-tune MedficientSAM-L0/L1/L2 (resumable; torchrun-ready)",
-                           description="Train MedficientSAM models with the upstream recipes (upstream.md section 5). "
+                           description="Train MedficientSAM models with the upstream recipes (hieplpvip/medficientsam, configs/experiment/). "
                                        "Writes OUT/checkpoints/, OUT/log.csv and OUT/model.pt, which "
                                        "`harness run --models lX --weights lX=OUT/model.pt` loads.")
     tsub = train.add_subparsers(dest="train_command", required=True)

@@ -1,7 +1,7 @@
 """Training configurations: one dataclass, and the upstream runs as named presets.
 
 Every field can be overridden from the command line (``harness train ... --set lr=1e-4`` or the
-named flags). The presets reproduce medficientsam's configs (upstream.md section 5):
+named flags). The presets reproduce medficientsam's configs (hieplpvip/medficientsam, ``configs/experiment/``):
 
 =========================  ==================================================================
 preset                     upstream

@@ -1,6 +1,6 @@
 """Training data: an index of 2D images / 3D slices, a resumable sampler and two datasets.
 
-Data layouts (``shared/research/upstream.md`` section 1), detected per root:
+Data layouts (the challenge's npz format, and the layouts medficientsam's data modules read), detected per root:
 
 * **evaluation layout**: ``<root>/imgs/<case>.npz`` (``imgs``) with ``<root>/gts/<case>.npz``
   (``gts``), matched by file name;

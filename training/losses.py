@@ -1,6 +1,7 @@
 """Fine-tuning losses for box-prompted SAM-style segmenters (pure torch, float32 math).
 
-Upstream recipes these follow (see ``shared/research/upstream.md``, sections 5.2 and 5.4):
+Upstream recipes these follow (hieplpvip/medficientsam ``src/losses/`` and ``configs/model/finetune.yaml``;
+bowang-lab/MedSAM, branch LiteMedSAM):
 
 * **MedficientSAM fine-tuning** (5.2), the defaults of :class:`SAMLoss`:
   ``1.0 * DiceLoss(sigmoid=True, squared_pred=True) + 20.0 * FocalLoss(use_softmax=False)``

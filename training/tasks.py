@@ -1,4 +1,4 @@
-"""The two MedficientSAM training tasks: distillation and fine-tuning (upstream.md section 5).
+"""The two MedficientSAM training tasks: distillation and fine-tuning (hieplpvip/medficientsam ``src/models/distill_module.py``, ``finetune_module.py``).
 
 * :class:`DistillTask`: the EfficientViT-SAM student encoder (from scratch, 512 px) learns to
   reproduce a frozen teacher's 256 x 64 x 64 image embedding, MSE loss. The teacher is MedSAM's

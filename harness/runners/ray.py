@@ -29,6 +29,7 @@ that cluster, disconnect at the end), ``workers`` (default: as many as the clust
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -108,7 +109,9 @@ class RayOptions:
             raise RunnerError(f"--ray-gpus-per-worker must be 0 or more, got {options.gpus_per_worker}")
         if options.exclusive and options.workers is not None:
             raise RunnerError("--ray-exclusive runs one worker per node; drop --ray-workers")
-        return options
+        return dataclasses.replace(
+            options, workers=None if options.workers is None else int(options.workers),
+            cpus_per_worker=float(options.cpus_per_worker), gpus_per_worker=float(options.gpus_per_worker))
 
 
 def ray_missing() -> bool:
@@ -233,6 +236,24 @@ def processes_with_env(name: str, value: str) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+def _join_address(address: str) -> str:
+    """``address`` as Ray will dial it: ``auto`` is the cluster ``ray start`` recorded on this machine (or
+    ``RAY_ADDRESS``); anything else as given."""
+    if address != "auto":
+        return address
+    from ray._private.services import get_ray_address_from_environment
+
+    try:
+        return get_ray_address_from_environment(address, None) or address
+    except (ConnectionError, RuntimeError, ValueError):
+        return address
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def _dead_worker_text(exc: BaseException) -> str:
@@ -597,11 +618,16 @@ class RayRunner(Runner):
             self.started_ray = True
             where = f"a local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, 127.0.0.1)"
         else:
+            target = _join_address(address)
             try:
-                ray.init(address=address, **quiet)
+                if _is_loopback(target):  # a cluster bound to 127.0.0.1 (as ours): Ray would swap in this
+                    with loopback_only():  # machine's outward address, where nothing listens
+                        ray.init(address=target, **quiet)
+                else:
+                    ray.init(address=address, **quiet)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise RunnerError(f"cannot join the Ray cluster at {address}: {exc}") from None
-            where = f"the Ray cluster at {address}"
+            where = f"the Ray cluster at {target}"
         self.connected = True
         self.startup_seconds = time.perf_counter() - started
         self.log(f"ray: {'started' if self.started_ray else 'joined'} {where} in {self.startup_seconds:.1f} s")

@@ -124,6 +124,7 @@ def ray_env(monkeypatch):
         "[harness]\nraytest = raytest_plugin\n")
     monkeypatch.setenv(MARKER, token)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp))
+    monkeypatch.setenv("TMPDIR", str(tmp))  # the workers' temporary case folders
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugin_dir), os.environ.get("PYTHONPATH")])))
     monkeypatch.syspath_prepend(str(plugin_dir))
@@ -258,6 +259,7 @@ def test_boxfill_through_the_cli_matches_native(ray_env, tmp_path):
     assert len(records) == 6
     _assert_same_as_native(out, native, "boxfill[ray]", "boxfill")
     assert seen.get("checked") and not seen.get("wide"), seen
+    assert not list(ray_env["tmp"].glob("harness-ray-*")), "a worker left a temporary case folder"
     info = read_models(out)["boxfill[ray]"]
     assert info["runner"] == "ray" and info["timing_mode"] == "distributed" and info["ray"]["workers"] == 2
     assert not _wait_gone(ray_env["token"]), "Ray processes left after the run"
@@ -449,3 +451,20 @@ def test_more_workers_than_the_cluster_holds_is_refused(ray_env, tmp_path):
     report = run(_config(["boxfill"], DEMO, tmp_path / "out", workers=64))
     assert "cannot hold 64 worker(s)" in report.failed_models["boxfill[ray]"]
     assert not _wait_gone(ray_env["token"])
+
+
+def test_a_new_worker_sweeps_the_case_folders_of_killed_ones(tmp_path, monkeypatch):
+    """A worker killed while it loads a case leaves its temporary folder; the next worker on the node
+    removes it (its PID is gone), and leaves a live process's folder alone."""
+    from harness.runners import ray as ray_runner
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"harness-ray-{dead.pid}-abc"
+    live = tmp_path / f"harness-ray-{os.getpid()}-def"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "case.npz").write_bytes(b"x")
+    ray_runner._sweep_temp_dirs()
+    assert not stale.exists() and live.exists()

@@ -34,6 +34,7 @@ import importlib.util
 import logging
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -136,6 +137,7 @@ class SegmenterWorker:
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.hostname = socket.gethostname()
+        _sweep_temp_dirs()
         try:
             spec = HarnessPlugins().get(model)
         except UnknownSegmenterError as exc:
@@ -160,7 +162,7 @@ class SegmenterWorker:
         from harness.runners.case import timed_segment
 
         if data is not None:
-            with tempfile.TemporaryDirectory(prefix="harness-ray-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
                 case_file = Path(tmp) / name
                 case_file.write_bytes(data)
                 case = load_case(case_file)
@@ -169,6 +171,29 @@ class SegmenterWorker:
         segs, seconds, peak = timed_segment(self.segmenter, case)
         return {"segs": segs, "seconds": seconds, "peak_rss_mb": peak.mb, "memory_method": peak.method,
                 "node": {"id": self.node_id, "hostname": self.hostname}, "pid": os.getpid()}
+
+
+TEMP_PREFIX = "harness-ray-"
+"""A worker's temporary case folders: ``<tmp>/harness-ray-<pid>-<random>``, removed once the case is loaded."""
+
+
+def _sweep_temp_dirs() -> None:
+    """Remove the case folders of workers that were killed while loading a case (their PID is gone)."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{TEMP_PREFIX}*-*"):
+        pid = folder.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
 
 
 # --- the driver side --------------------------------------------------------------------------------

@@ -62,6 +62,16 @@ def model_colors(models: Iterable[str]) -> dict[str, tuple]:
     return {m: cmap(i % cmap.N) for i, m in enumerate(models)}
 
 
+def _colors(models: Iterable[str], given: dict | None) -> dict[str, tuple]:
+    """``given`` (one colour per model, shared by every figure of a leaderboard), completed for any model it
+    lacks; without it, :func:`model_colors` of ``models``."""
+    models = list(models)
+    if not given:
+        return model_colors(models)
+    extra = model_colors([m for m in given] + [m for m in models if m not in given])
+    return {m: given.get(m, extra[m]) for m in models}
+
+
 def _check_frame(frame, columns: Sequence[str], what: str) -> None:
     if frame is None or len(frame) == 0:
         raise ValueError(f"{what}: the table is empty, nothing to draw")
@@ -80,7 +90,7 @@ def _finite(value) -> bool:
 
 # ------------------------------------------------------------------------------- per-modality with CIs
 
-def plot_modality_ci(table: "pd.DataFrame", path: str | os.PathLike) -> Path:
+def plot_modality_ci(table: "pd.DataFrame", path: str | os.PathLike, colors: dict | None = None) -> Path:
     """Per-modality DSC and NSD of each model with bootstrap 95% CIs: two panels, one dot per model.
 
     ``table`` columns: ``model`` (entry name), ``modality`` (the row ``"Average"`` is the overall figure,
@@ -105,7 +115,7 @@ def plot_modality_ci(table: "pd.DataFrame", path: str | os.PathLike) -> Path:
     modalities = [m for m in dict.fromkeys(df["modality"]) if m != AVERAGE]
     if (df["modality"] == AVERAGE).any():
         modalities.append(AVERAGE)
-    colors = model_colors(models)
+    colors = _colors(models, colors)
     n_models, n_groups = len(models), len(modalities)
     slot = 0.8 / n_models
     markersize = max(3.5, 8.0 - 0.35 * n_models)
@@ -237,7 +247,7 @@ def _place_labels(fig, ax, xs, ys, labels, marker_radius_px: float) -> None:
         placed.append(box)
 
 
-def plot_runtime_vs_dsc(points: "pd.DataFrame", path: str | os.PathLike) -> Path:
+def plot_runtime_vs_dsc(points: "pd.DataFrame", path: str | os.PathLike, colors: dict | None = None) -> Path:
     """Mean DSC against mean seconds per case, one labelled point per row, with the Pareto front.
 
     ``points`` columns: ``model`` (entry name, the label), ``runner`` (one marker per runner),
@@ -262,7 +272,7 @@ def plot_runtime_vs_dsc(points: "pd.DataFrame", path: str | os.PathLike) -> Path
     xs = np.maximum(raw, RUNTIME_FLOOR_S)
     ys = 100.0 * df["dsc"].to_numpy()
     front = pareto_front(raw, df["dsc"].to_numpy())
-    colors = model_colors(models)
+    colors = _colors(models, colors)
     markers = _runner_markers(runners)
     log_x = xs.max() / xs.min() > 10
 
@@ -322,7 +332,8 @@ def _percent(freq: float) -> str:
     return f"{freq:.0%}"
 
 
-def plot_rank_stability(freq: "pd.DataFrame", path: str | os.PathLike, observed: "pd.Series | None" = None) -> Path:
+def plot_rank_stability(freq: "pd.DataFrame", path: str | os.PathLike, observed: "pd.Series | None" = None,
+                        colors: dict | None = None) -> Path:
     """Blob plot of how often each model took each rank over bootstrap resamples.
 
     ``freq``: index = model entry names, best first; columns = ranks 1..K (ints); values = the fraction
@@ -344,7 +355,7 @@ def plot_rank_stability(freq: "pd.DataFrame", path: str | os.PathLike, observed:
         raise ValueError(f"{what}: every frequency is 0 or NaN, nothing to draw")
     models = [str(m) for m in freq.index]
     n, k = len(models), len(ranks)
-    colors = model_colors(models)
+    colors = _colors(models, colors)
     longest = max(len(m) for m in models)
 
     width = min(max(8.0, 1.6 + 0.075 * longest + 0.6 * k), 13.0)

@@ -653,6 +653,7 @@ def write_figures(frame: pd.DataFrame, models: dict[str, dict], analysis: Analys
         if sub["seconds"].notna().any() and not math.isnan(r["dsc"]):
             points.append({"model": r["model"], "runner": runners.mode().iloc[0] if not runners.empty else "native",
                            "seconds": float(sub["seconds"].mean()), "dsc": float(r["dsc"])})
+    colors = plots.model_colors(analysis.order)  # one colour per entry in every figure
     jobs = [
         ("modality-ci", plots.plot_modality_ci, stats.ci_table(analysis.cis)),
         ("runtime-dsc", plots.plot_runtime_vs_dsc, pd.DataFrame(points, columns=["model", "runner", "seconds", "dsc"])),
@@ -660,12 +661,13 @@ def write_figures(frame: pd.DataFrame, models: dict[str, dict], analysis: Analys
     if analysis.ranking is not None:
         ranking = analysis.ranking
         order = ranking.rank.sort_values(kind="stable").index
-        jobs.append(("rank-stability", lambda data, path: plots.plot_rank_stability(data, path, ranking.rank),
+        jobs.append(("rank-stability", lambda data, path, colors: plots.plot_rank_stability(data, path, ranking.rank,
+                                                                                           colors),
                      ranking.stability.loc[order]))
     for key, plot, data in jobs:
         name = f"{stem}-{key}.png"
         try:
-            plot(data, folder / name)
+            plot(data, folder / name, colors=colors)
         except ValueError:  # nothing to draw (e.g. no scored case)
             continue
         written[name] = FIGURES[key]

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -47,18 +46,9 @@ from harness.cases import discover_cases  # noqa: E402
 from harness.pluginmanager import HarnessPlugins  # noqa: E402
 from harness.profiling import default_threads, pin_threads  # noqa: E402
 from harness.results import ResultsStore  # noqa: E402
+from harness.profiling import cpu_name  # noqa: E402
 from harness.run import RunConfig  # noqa: E402
 from harness.runners.ray import RayRunner  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed_run(runner, config: RunConfig, plugins: HarnessPlugins, cases: list[Path], threads: int) -> dict:
@@ -155,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     command = "python bench/bench_ray.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"`{command.strip()}`, {date}, {cpu_model()} ({os.cpu_count()} CPUs), "
+    print(f"`{command.strip()}`, {date}, {cpu_name()} ({os.cpu_count()} CPUs), "
           f"{len(cases)} cases of {args.data.name}\n")
     print("| model | runner | cases | total s | Ray start-up s | model load s | cases wall s | wall/case s "
           "| segmentation s/case | overhead/case s | busy | shutdown s | segs identical |")

@@ -35,7 +35,7 @@ import numpy as np
 from harness.cases import Case, discover_cases, load_case
 from harness.metrics import dice_per_label
 from harness.pluginmanager import HarnessPlugins
-from harness.profiling import PeakRSS
+from harness.profiling import PeakRSS, cpu_name, default_threads
 from harness.results import write_json_atomic, write_text_atomic
 from harness.specs import LoadOptions
 
@@ -206,7 +206,6 @@ def run_bench(config: BenchConfig, plugins: HarnessPlugins | None = None, log: C
     import torch
 
     from models.complexity import encoder_flops
-    from harness.profiling import default_threads
 
     plugins = plugins or HarnessPlugins()
     specs = [plugins.get(name) for name in config.models]
@@ -308,23 +307,13 @@ def _result(config: BenchConfig, threads: int, peaks: dict, measurements: list[M
         base = faithful.get((r["model"], r["case"]))
         r["speedup_vs_faithful"] = base / r["median_s"] if base and r["median_s"] > 0 else None
     return {
-        "machine": {"processor": _cpu_name(), "machine": platform.machine(), "threads": threads,
+        "machine": {"processor": cpu_name(), "machine": platform.machine(), "threads": threads,
                     "torch": torch.__version__, "matmul_peak_gflops": peaks},
         "repeat": config.repeat,
         "variants": [v.name for v in config.variants],
         "rows": rows,
         "notes": notes,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def render_markdown(result: dict) -> str:

@@ -536,6 +536,20 @@ class CaseMetrics:
     nsd_per_label: tuple
 
 
+def _case_spacing(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] | None) -> tuple[float, ...]:
+    """The spacing a case is scored with: (1, 1) for 2D (the challenge scores 2D cases in pixels), the
+    checked ``spacing`` for 3D; ValueError for mismatched shapes, a 3D case without spacing, other ranks."""
+    if gt.shape != seg.shape:
+        raise ValueError(f"gt and seg shapes differ: {gt.shape} vs {seg.shape}")
+    if gt.ndim == 2:
+        return (1.0, 1.0)
+    if gt.ndim == 3:
+        if spacing is None:
+            raise ValueError("spacing is required for 3D cases")
+        return _checked_spacing(spacing)
+    raise ValueError(f"gt must be 2D or 3D, got {gt.ndim}D")
+
+
 def case_metrics(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] | None = None,
                  tolerance: float = DEFAULT_TOLERANCE, compute_nsd: bool = True) -> CaseMetrics:
     """Challenge DSC and NSD of one case.
@@ -548,16 +562,9 @@ def case_metrics(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] | Non
     """
     gt = np.asarray(gt)
     seg = np.asarray(seg)
-    if gt.shape != seg.shape:
-        raise ValueError(f"gt and seg shapes differ: {gt.shape} vs {seg.shape}")
+    sp = _case_spacing(gt, seg, spacing)
     if gt.ndim == 2:
-        sp = (1.0, 1.0, 1.0)
-    elif gt.ndim == 3:
-        if spacing is None:
-            raise ValueError("spacing is required for 3D cases")
-        sp = _checked_spacing(spacing)
-    else:
-        raise ValueError(f"gt must be 2D or 3D, got {gt.ndim}D")
+        sp = (1.0, 1.0, 1.0)  # scored as (H, W, 1)
     if gt.dtype == bool:
         gt = gt.view(np.uint8)
     if seg.dtype == bool:
@@ -772,16 +779,7 @@ def distance_metrics(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] |
     names = [m for m in DISTANCE_METRICS if m in wanted]
     gt = np.asarray(gt)
     seg = np.asarray(seg)
-    if gt.shape != seg.shape:
-        raise ValueError(f"gt and seg shapes differ: {gt.shape} vs {seg.shape}")
-    if gt.ndim == 2:
-        sp: tuple[float, ...] = (1.0, 1.0)
-    elif gt.ndim == 3:
-        if spacing is None:
-            raise ValueError("spacing is required for 3D cases")
-        sp = _checked_spacing(spacing)
-    else:
-        raise ValueError(f"gt must be 2D or 3D, got {gt.ndim}D")
+    sp = _case_spacing(gt, seg, spacing)
     if not names:
         return {}
 

@@ -12,6 +12,7 @@ the libraries count, as they do for the challenge's ``/usr/bin/time`` figures.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import threading
 from pathlib import Path
@@ -20,6 +21,17 @@ import psutil
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for every figure that names its machine."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def default_threads() -> int:

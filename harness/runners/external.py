@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from harness.cases import Case, CaseError, load_case, load_segs
-from harness.choices import variant_tags
 from harness.runners.base import CaseRunError
 from harness.runners.case import (
     Stage,
@@ -126,7 +125,8 @@ def run_external_case(executor, entry: str, segmenter: str, case_path: Path, con
     return finish_record(record)
 
 
-def describe_model(spec: SegmenterSpec, config, plugins: HarnessPlugins, threads: int, tags: list[str]) -> dict:
+def describe_model(spec: SegmenterSpec, config: RunConfig, plugins: HarnessPlugins, threads: int,
+                   tags: list[str]) -> dict:
     """The models.json entry of ``spec``: loaded once here, as the native runner does, for its facts
     (parameters, FLOPs, weights and their checksum); the model is freed before any case runs."""
     segmenter = spec.load(load_options(spec, config, threads))

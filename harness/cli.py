@@ -404,8 +404,10 @@ def _add_model_sources(p: argparse.ArgumentParser, weights_metavar: str = "NAME=
                         "file names (medsam_vit_b.pth, finetuned-l0-augmented/best.ckpt, ...); "
                         "default: $HARNESS_WEIGHTS_DIR")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="also load whole-module pickles (medficientsam's model.pth); this runs code "
-                        "from the file: only for files you trust")
+                   help="also load whole-module pickles (medficientsam's model.pth): loading one imports and "
+                        "runs the code of the classes it names, so only for files you trust whose code you "
+                        "have; a file whose pickle calls anything that runs commands or opens files is refused "
+                        "even then")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads to pin (default: all available)")
 
 

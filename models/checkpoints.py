@@ -126,7 +126,44 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
+#: What a weights file may reference besides tensors: torch's own classes, numpy arrays, ordered dicts.
+_DATA_MODULES = ("torch.", "numpy.", "collections.", "_codecs.")
+#: Callables whose only use in a pickle is to run code: never loaded, not even with --allow-pickle.
+_CODE_RUNNERS = ("posix.", "nt.", "os.", "subprocess.", "sys.", "shutil.", "socket.", "pty.", "runpy.",
+                 "importlib.", "ctypes.", "code.", "codeop.", "marshal.", "pickle.", "webbrowser.",
+                 "builtins.eval", "builtins.exec", "builtins.compile", "builtins.__import__",
+                 "builtins.getattr", "builtins.setattr", "builtins.open", "builtins.input",
+                 "builtins.breakpoint", "builtins.globals", "builtins.vars")
+
+
+def _outside_data(names: list[str]) -> list[str]:
+    """The names a pickle references outside torch, numpy and collections: code it would import and call."""
+    return [n for n in names if not n.startswith(_DATA_MODULES)]
+
+
+def _code_runners(names: list[str]) -> list[str]:
+    return [n for n in names if n.startswith(_CODE_RUNNERS)]
+
+
+def _code_error(path: Path, names: list[str]) -> CheckpointError:
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return CheckpointError(
+        f"{path} is not a weights file: its pickle calls {shown} when it is loaded, which would run code on "
+        "this machine (a command, a file or network access). The harness never loads it, with or without "
+        "--allow-pickle. Use weights (a state_dict) from a source you trust."
+    )
+
+
 def _pickled_module_error(path: Path, names: list[str]) -> CheckpointError:
+    outside = _outside_data(names)
+    if outside:  # the model's own classes from another project: describe them, suggest nothing that loads it
+        shown = ", ".join(outside[:5]) + (", ..." if len(outside) > 5 else "")
+        return CheckpointError(
+            f"{path} is a pickled whole model (torch.save(model)) that references code outside torch: {shown}. "
+            "Loading it would import those modules and run their code, so the harness loads only weights "
+            "(torch.load(weights_only=True)). Ask for a weights-only file (the model's state_dict) from "
+            "whoever made it."
+        )
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     return CheckpointError(
         f"{path} is a pickled whole model (torch.save(model), like medficientsam's export_torch.py "
@@ -141,6 +178,9 @@ def _pickled_module_error(path: Path, names: list[str]) -> CheckpointError:
 
 def _torch_load(path: Path, allow_pickle: bool) -> object:
     unsafe = _unsafe_globals(path)
+    runners = _code_runners(unsafe)
+    if runners:
+        raise _code_error(path, runners)
     module_globals = [n for n in unsafe if _is_module_global(n)]
     if module_globals:
         if not allow_pickle:

@@ -110,10 +110,38 @@ def test_pickled_module_refused_unless_allowed(tmp_path, l0_state):
         load_medficientsam("l0", _as_loaded(weights=path))
     message = str(info.value)
     assert str(path) in message and "pickled whole model" in message
-    assert "--allow-pickle" in message and "state_dict()" in message  # how to convert it
+    # it names the classes outside torch it would run, and suggests nothing that would run them
+    assert "models.efficientvit" in message and "run their code" in message and "state_dict" in message
+    assert "--allow-pickle" not in message and "weights_only=False" not in message
     segmenter = load_medficientsam("l0", _as_loaded(weights=path, allow_pickle=True))
     assert read_checkpoint(path, allow_pickle=True).format == "pickled-module"
     _assert_weights(segmenter.model, l0_state)
+
+
+class _Payload:
+    """What a malicious 'checkpoint' holds: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_runs_code_is_refused_even_with_allow_pickle(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "weights.pth"
+    torch.save({"model": _Payload(marker), "layer.weight": torch.zeros(2)}, path)
+    for allow in (False, True):
+        with pytest.raises(CheckpointError) as info:
+            read_checkpoint(path, allow_pickle=allow)
+        message = str(info.value)
+        assert str(path) in message and "is not a weights file" in message and "posix.system" in message
+        assert "would run code" in message and "never loads it" in message
+        assert "weights_only=False" not in message and "pass --allow-pickle" not in message
+    assert not marker.exists(), "the payload ran"
 
 
 def test_pickled_module_whose_code_is_missing(tmp_path):

@@ -122,7 +122,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     for name, message in report.failed_models.items():
         print(f"{name}: not run: {message}", file=sys.stderr)
-    return 0 if not report.failed_models else 1
+    if report.errors:
+        print(f"harness run: {report.errors} case(s) ended in error (status 'error' in results.jsonl, with the "
+              "reason); --retry-errors runs them again", file=sys.stderr)
+    return 0 if not report.failed_models and not report.errors else 1
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -187,7 +190,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     errors = frame["error"].astype(bool).sum() if "error" in frame else 0
     if errors:
         print(f"{errors} case(s) could not be scored (see the error column)", file=sys.stderr)
-    return 0
+    return 1 if errors else 0
 
 
 def _board_options(args: argparse.Namespace):
@@ -431,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="segment, time and score cases with one or more models (resumable)",
                        description="Run models over a data folder; results go to OUT/results.jsonl as each case "
                                    "finishes, segs to OUT/segs/<model>/, the leaderboard to OUT/leaderboard.md. "
-                                   "Running the same command again skips finished (model, case) pairs.")
+                                   "Running the same command again skips finished (model, case) pairs. The exit "
+                                   "status is 1 when a model could not load or a case ended in error (the run "
+                                   "goes on past both), 2 for bad settings.")
     p.add_argument("--models", default=None,
                    help="comma-separated segmenter names (see `harness plugins`); required unless --image")
     p.add_argument("--data", default=str(DEMO_DIR),
@@ -520,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="challenge DSC/NSD of a segs folder against a gts folder",
                        description="Drop-in for the challenge's compute_metrics.py: one CSV row per gts file with "
-                                   "case, dsc, nsd at full precision, plus modality and error.")
+                                   "case, dsc, nsd at full precision, plus modality and error. The exit status is "
+                                   "1 when any case could not be scored.")
     p.add_argument("--segs", required=True, help="folder of <case>.npz files with key 'segs'")
     p.add_argument("--gts", required=True, help="folder of <case>.npz files with key 'gts' (and 'spacing' for 3D)")
     p.add_argument("--imgs", help="folder of the input cases, for the 3D spacing of gts files that lack it")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from harness import __version__
@@ -604,16 +606,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same orderly stop as Ctrl-C (the current case cleaned up, nothing lost)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         hint = ("checkpoints are kept; add --resume to continue" if args.command == "train"
                 else "finished cases are kept, run the same command again to resume")
-        print(f"interrupted; {hint}", file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}; {hint}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except (UnknownSegmenterError, UnknownRunnerError, PluginError, StoreLockedError, FileNotFoundError) as exc:
         print(f"harness {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -622,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"harness train: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

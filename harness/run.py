@@ -161,14 +161,23 @@ def _run_target(runner, target, cases: list[Path], store: ResultsStore, inflight
     update_models(config.out_dir, entry, {"runner": runner.name, "runner_label": runner.label or runner.name,
                                           "runner_order": runner.order, "timing_mode": target.timing_mode})
 
+    running: set[Path] = set()
+
     def started(case_path: Path) -> None:
         bar.set_postfix_str(case_path.name, refresh=False)
         if target.crash_markers:
             inflight.start(entry, case_path)
+            running.add(case_path)
 
     try:
         for record in session.run(runnable, started):
+            running.discard(by_name.get(record.get("case")))
             store_record(record)
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: the harness saw this stop, so it is no crash of the case; the rerun runs it
+        for case_path in running:
+            inflight.abandon(entry, case_path)
+        raise
     finally:
         session.close()
         bar.close()
@@ -201,7 +210,8 @@ class InFlight:
             "model": model, "case": case_path.name, "status": "error", "timing_mode": timing_mode,
             "runner": runner, "harness_version": __version__,
             "error": f"{case_path}: the harness process died while segmenting this case, {attempts} times "
-                     "(killed or crashed, e.g. out of memory); use --retry-errors to try again",
+                     "(killed or crashed: a death the harness did not see, such as SIGKILL, the kernel's "
+                     "out-of-memory killer or a segfault); use --retry-errors to try again",
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
 
@@ -210,6 +220,15 @@ class InFlight:
         marker.parent.mkdir(parents=True, exist_ok=True)
         attempts = int(marker.read_text() or 0) if marker.is_file() else 0
         marker.write_text(str(attempts + 1))
+
+    def abandon(self, model: str, case_path: Path) -> None:
+        """Take back the attempt :meth:`start` counted: the case was interrupted, not killed."""
+        marker = self._marker(model, case_path)
+        attempts = int(marker.read_text() or 0) if marker.is_file() else 0
+        if attempts > 1:
+            marker.write_text(str(attempts - 1))
+        else:
+            marker.unlink(missing_ok=True)
 
     def finish(self, model: str, case_path: Path) -> None:
         self._marker(model, case_path).unlink(missing_ok=True)

@@ -346,3 +346,61 @@ def test_repeated_sigkill_at_random_moments_never_loses_or_duplicates(tmp_path):
         with np.load(out / rec["segs"]) as npz:
             assert npz["segs"].dtype == np.uint16
     assert not list(out.rglob(".*.tmp"))
+
+
+SLEEPY_PLUGIN = textwrap.dedent(
+    '''
+    import os, time
+    import numpy as np
+    from harness import SegmenterSpec, hookimpl
+
+
+    class Slow:
+        def segment(self, case):
+            time.sleep(float(os.environ.get("SLOW_SECONDS", "0")))
+            return np.zeros(case.spatial_shape, np.uint16)
+
+        def describe(self):
+            return {"params": 0, "flops": 0, "weights": None}
+
+
+    @hookimpl
+    def harness_segmenters():
+        return [SegmenterSpec(name="slow", title="Slow", family="baseline", load=lambda options: Slow())]
+    '''
+)
+
+
+def test_interrupts_are_not_crashes(tmp_path):
+    """Ctrl-C twice and SIGTERM once on the same case: each stops the run cleanly, saying how to resume, and
+    gives back the case's in-flight mark; the rerun then segments that case normally (no crash record)."""
+    env = install_fake_plugin(tmp_path / "site", "slow_plugin", SLEEPY_PLUGIN, "slow-plugin", "0.1", "slow")
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    case = "2DBox_US_hc18-158.npz"
+    shutil.copy(DEMO / "imgs" / case, data / "imgs" / case)
+    out = tmp_path / "out"
+    marker = out / ".inflight" / "slow" / case
+    args = ["run", "--models", "slow", "--data", str(data), "--out", str(out), "--no-progress", "--bootstrap", "20"]
+    for sig, code, said in ((signal.SIGINT, 130, "interrupted"), (signal.SIGINT, 130, "interrupted"),
+                            (signal.SIGTERM, 143, "terminated (SIGTERM)")):
+        proc = harness_popen(args, env={**env, "SLOW_SECONDS": "60"})
+        try:
+            deadline = time.monotonic() + 60
+            while not marker.is_file() and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.05)
+            assert marker.is_file(), "the case never started"
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == code, err
+        assert f"{said}; finished cases are kept, run the same command again to resume" in err
+        assert not marker.exists(), "an interrupted case kept its in-flight mark"
+    done = harness_cli(args, env={**env, "SLOW_SECONDS": "0"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    record = read_records(out / "results.jsonl")[-1]
+    assert record["case"] == case and record["status"] == "ok"

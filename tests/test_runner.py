@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -384,7 +386,11 @@ def test_interrupts_are_not_crashes(tmp_path):
     args = ["run", "--models", "slow", "--data", str(data), "--out", str(out), "--no-progress", "--bootstrap", "20"]
     for sig, code, said in ((signal.SIGINT, 130, "interrupted"), (signal.SIGINT, 130, "interrupted"),
                             (signal.SIGTERM, 143, "terminated (SIGTERM)")):
-        proc = harness_popen(args, env={**env, "SLOW_SECONDS": "60"})
+        # a child of a non-interactive, backgrounded shell (as CI may be) inherits SIGINT ignored, and Python then
+        # keeps ignoring it: give the child the default disposition, as a terminal's foreground job has
+        proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env={**env, "SLOW_SECONDS": "60"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 60
             while not marker.is_file() and time.monotonic() < deadline:

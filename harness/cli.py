@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.runners.base import RunnerError
     from leaderboard import write_leaderboard
 
-    _board_options(args)  # bad statistics settings stop the command before any case runs
+    board_options = _board_options(args)  # bad statistics settings stop the command before any case runs
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
     if not models and not args.image:
         raise SystemExit("harness run: --models needs at least one name (or --image for a docker image)")
@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunnerError as exc:
         print(f"harness run: {exc}", file=sys.stderr)
         return 2
-    board = write_leaderboard(config.out_dir, reported=not args.no_published, options=_board_options(args))
+    board = write_leaderboard(config.out_dir, reported=not args.no_published, options=board_options)
     print(board.read_text())
     print(
         f"{report.done} cases done, {report.errors} errors, {report.skipped} already finished; "

@@ -6,7 +6,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from leaderboard import stats
-from leaderboard.tables import BoardOptions, analyse, fmt_difference, fmt_p, load_results, model_summary, ranking_text
+from leaderboard.tables import BoardOptions, fmt_difference, fmt_p, load_results, model_summary, rank, ranking_text
 
 METRIC_LABELS = {"dsc": "DSC", "nsd": "NSD"}
 
@@ -81,7 +81,7 @@ def _non_inferiority(a: str, b: str, res: stats.PairedMetric, margin: float) -> 
 
 def rank_report(out_dir: str | Path, options: BoardOptions | None = None) -> str:
     """The challenge-style ranking of a run folder's entries, with its bootstrap stability."""
-    frame, models, _ = _entries(Path(out_dir))
-    analysis = analyse(frame, models, options or BoardOptions())
-    return "# Challenge-style ranking\n\n" + ranking_text(analysis) + "\n"
+    frame, _, order = _entries(Path(out_dir))
+    ranking, error = rank(frame, order, options or BoardOptions())  # no intervals or pairs: only the ranking
+    return "# Challenge-style ranking\n\n" + ranking_text(ranking, error) + "\n"
 

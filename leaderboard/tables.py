@@ -185,8 +185,8 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
               analysis: Analysis | None = None, figures: dict[str, str] | None = None) -> str:
     if frame.empty:
         return "# Leaderboard\n\nNo results yet.\n"
-    summary = model_summary(frame, models)
     analysis = analysis or analyse(frame, models, BoardOptions())
+    summary = analysis.summary
     lines = ["# Leaderboard", ""]
     modes = sorted({f"{r} / {t}" for r, t in zip(frame["runner"].fillna("?"), frame["timing_mode"].fillna("?"))})
     threads = sorted({int(t) for t in frame["threads"].dropna()})
@@ -270,7 +270,7 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
         lines += ["", f"A modality with fewer than {stats.MIN_CASES} cases gets no interval of its own (\"n=2, no "
                       "CI\"): a bootstrap of one or two cases says nothing; it is still resampled inside the average."]
     lines += ["", "## Paired comparisons (A - B, points of %)", "", _paired_text(analysis)]
-    lines += ["", "## Challenge-style ranking", "", ranking_text(analysis)]
+    lines += ["", "## Challenge-style ranking", "", ranking_text(analysis.ranking, analysis.ranking_error)]
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{caption}]({name})" for name, caption in figures.items()]
@@ -286,11 +286,15 @@ class Analysis:
     """The statistics of one leaderboard (:mod:`leaderboard.stats`), computed once for markdown and JSON."""
 
     options: BoardOptions
-    order: list[str]
+    summary: pd.DataFrame  # model_summary(): one row per entry, in leaderboard order
     cis: dict[str, dict[str, dict]]
     paired: list[tuple[str, str, dict[str, stats.PairedMetric]]]
     ranking: stats.Ranking | None
     ranking_error: str | None = None
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.summary["model"]) if not self.summary.empty else []
 
     def overall(self, model: str, metric: str) -> stats.Estimate | None:
         return (self.cis.get(model) or {}).get(metric, {}).get("overall")
@@ -300,17 +304,23 @@ class Analysis:
 
 
 def analyse(frame: pd.DataFrame, models: dict[str, dict], options: BoardOptions) -> Analysis:
-    order = list(model_summary(frame, models)["model"]) if not frame.empty else []
+    summary = model_summary(frame, models) if not frame.empty else pd.DataFrame(columns=["model"])
+    order = list(summary["model"])
     cis = stats.bootstrap_cis(frame, options.bootstrap, options.seed) if order else {}
     scored = [m for m in order if m in cis]
     paired = stats.paired_comparisons(frame, scored, options.bootstrap, options.seed)
-    ranking, error = None, None
-    if order:
-        try:
-            ranking = stats.rank_models(frame, order, options.rank_weights, options.bootstrap, options.seed)
-        except ValueError as exc:
-            error = str(exc)
-    return Analysis(options, order, cis, paired, ranking, error)
+    ranking, error = rank(frame, order, options)
+    return Analysis(options, summary, cis, paired, ranking, error)
+
+
+def rank(frame: pd.DataFrame, order: list[str], options: BoardOptions) -> tuple[stats.Ranking | None, str | None]:
+    """The challenge-style ranking of the entries in ``order``, or why there is none."""
+    if not order:
+        return None, "no results"
+    try:
+        return stats.rank_models(frame, order, options.rank_weights, options.bootstrap, options.seed), None
+    except ValueError as exc:
+        return None, str(exc)
 
 
 def _fmt_estimate(est: stats.Estimate | None, value: float | None = None, overall: bool = False) -> str:
@@ -360,10 +370,9 @@ def _paired_text(analysis: Analysis) -> str:
     return intro + "\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def ranking_text(analysis: Analysis) -> str:
-    ranking = analysis.ranking
+def ranking_text(ranking: stats.Ranking | None, error: str | None = None) -> str:
     if ranking is None:
-        return f"No ranking: {analysis.ranking_error}."
+        return f"No ranking: {error}."
     weights = ", ".join(f"{k}={v:g}" for k, v in ranking.weights.items())
     intro = ("Challenge-style, not the official CVPR 2024 rule (which is not published as code). Rank then "
              f"aggregate: on each of the {ranking.cases} cases every metric ranks the entries (ties share "
@@ -599,7 +608,7 @@ def _interval(est: stats.Estimate | None) -> list[float] | None:
 def _summary(frame: pd.DataFrame, models: dict[str, dict], analysis: Analysis) -> dict:
     if frame.empty:
         return {"models": []}
-    summary = model_summary(frame, models)
+    summary = analysis.summary
     per_modality = modality_means(frame)
     out = []
     for _, r in summary.iterrows():
@@ -644,7 +653,7 @@ def write_figures(frame: pd.DataFrame, models: dict[str, dict], analysis: Analys
     from leaderboard import plots
 
     written: dict[str, str] = {}
-    summary = model_summary(frame, models)
+    summary = analysis.summary
     points = []
     ok = frame[frame["status"] == "ok"]
     for _, r in summary.iterrows():

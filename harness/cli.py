@@ -287,7 +287,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- docker images
-# `harness build` and `harness export` (harness.container.images): challenge-style images of the segmenters.
+# `harness build` and `harness export` (harness.container): challenge-style images of the segmenters.
 def _image_weights(args: argparse.Namespace, command: str) -> dict[str, Path]:
     weights = _weights_arg(args.weights)
     for name, path in weights.items():
@@ -301,8 +301,9 @@ def _stderr(message: str) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from harness.container.engine import EngineUnavailable, connect
-    from harness.container.images import ImageBuildError, build_image, image_parts
+    from harness.container.client import EngineUnavailable, connect
+    from harness.container.common import ImageBuildError
+    from harness.container.model_image import build_image, image_parts
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
@@ -329,8 +330,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from harness.container.engine import EngineUnavailable, connect
-    from harness.container.images import ImageBuildError, build_image, export_image, image_parts, team_from_archive
+    from harness.container.client import EngineUnavailable, connect
+    from harness.container.archives import export_image, team_from_archive
+    from harness.container.common import ImageBuildError
+    from harness.container.model_image import build_image, image_parts
 
     out = Path(args.output).expanduser()
     team = (args.team or team_from_archive(out)).lower()

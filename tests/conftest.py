@@ -26,12 +26,12 @@ def export_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def docker_client():
-    """A ``docker.DockerClient`` whose engine answered (``harness.container.engine.connect``).
+    """A ``docker.DockerClient`` whose engine answered (``harness.container.client.connect``).
 
     Without an engine the test is skipped with the reason, unless ``HARNESS_REQUIRE_DOCKER=1`` (set by
     ``.ci/run``, which starts one): then it fails.
     """
-    from harness.container.engine import EngineUnavailable, connect
+    from harness.container.client import EngineUnavailable, connect
 
     try:
         client = connect()

@@ -1,4 +1,4 @@
-"""Challenge-style images against a real Docker engine (``harness.container.images``).
+"""Challenge-style images against a real Docker engine (``harness.container``).
 
 Skipped without an engine (the ``docker_client`` fixture says why), failed when HARNESS_REQUIRE_DOCKER=1.
 The first run on a machine builds the base image (mmdebstrap), the wheelhouse and the dependencies
@@ -20,15 +20,11 @@ import pytest
 
 from harness import __version__
 from harness.cli import main
-from harness.container.engine import EngineUnavailable, connect
-from harness.container.images import (
-    ImageArchiveError,
-    base_image_tag,
-    build_image,
-    ensure_base_image,
-    export_image,
-    load_image,
-)
+from harness.container.client import EngineUnavailable, connect
+from harness.container.archives import export_image, load_image
+from harness.container.base_image import base_image_tag, ensure_base_image
+from harness.container.common import ImageArchiveError
+from harness.container.model_image import build_image
 
 pytestmark = pytest.mark.docker
 
@@ -55,7 +51,7 @@ def test_cli_exits_2_without_engine(monkeypatch, capsys):
 
 
 def test_parallel_gzip_writes_one_readable_gzip_file():
-    from harness.container.images import _gzip_parallel
+    from harness.container.archives import _gzip_parallel
 
     data = np.random.default_rng(0).integers(0, 4, 3_000_000, dtype=np.uint8).tobytes()
     chunks = [data[i:i + 70_001] for i in range(0, len(data), 70_001)]

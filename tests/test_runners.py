@@ -360,7 +360,7 @@ def _build_team_image(client, tag: str, mode: str) -> str:
     import io
     import tarfile
 
-    from harness.container.images import ensure_base_image
+    from harness.container.base_image import ensure_base_image
 
     base = ensure_base_image(client, log=lambda _: None)
     dockerfile = (f"FROM {base}\nWORKDIR /workspace\nCOPY predict.sh team_predict.py mode /workspace/\n"
@@ -478,7 +478,7 @@ def test_docker_out_of_memory_and_timeout_are_errors_and_leave_nothing_behind(tm
 
 @pytest.mark.docker
 def test_team_tarball_round_trip(tmp_path, docker_images, docker_client):
-    from harness.container.images import export_image
+    from harness.container.archives import export_image
 
     data, out = small_data(tmp_path / "data"), tmp_path / "out"
     tarball = export_image(docker_client, docker_images["team"], tmp_path / "team.tar.gz", "team", log=lambda _: None)

@@ -7,7 +7,7 @@ cgroup parent of its own, labelled ``org.medsam-harness.evaluation=<case>``; the
 cgroup are removed after the case (also on Ctrl-C). Peak memory: that cgroup's
 ``memory.max_usage_in_bytes`` (cgroup v1) or ``memory.peak`` (v2), read after the container exits:
 everything the container charged, page cache included. The image is the harness's own (built once per
-model and reused, :func:`harness.container.images.build_image`) or any team's (``--image TAG`` or
+model and reused, :func:`harness.container.model_image.build_image`) or any team's (``--image TAG`` or
 ``team.tar.gz``). See :mod:`harness.runners.external` for what is timed and checked.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ class DockerExecutor:
 
 def _connect():
     try:
-        from harness.container.engine import connect
+        from harness.container.client import connect
     except ImportError as exc:  # pragma: no cover - the container package is part of the harness
         raise RunnerError(f"the docker runner needs harness.container ({exc})") from None
     try:
@@ -180,7 +180,7 @@ def _resolve_image(client, ref: str, log) -> str:
 
     path = Path(ref).expanduser()
     if path.is_file():
-        from harness.container.images import load_image
+        from harness.container.archives import load_image
 
         log(f"loading the submission {path} into the engine")
         try:
@@ -199,42 +199,42 @@ def _resolve_image(client, ref: str, log) -> str:
 def harness_image(client, model: str, config, info: dict, log=print) -> str:
     """The tag of the harness's own image of ``model``: the existing ``medsam-harness/<model>:<version>``
     when its labels say it holds this harness version on the current runtime image and the same
-    weights (sha256), else a fresh :func:`~harness.container.images.build_image`. ``info`` is the
+    weights (sha256), else a fresh :func:`~harness.container.model_image.build_image`. ``info`` is the
     model's models.json entry (its ``weights`` file and checksum, as loaded here)."""
     import docker
 
     from harness import __version__
-    from harness.container import images
+    from harness.container import common, layers, model_image
 
     weights = config.weights.get(model)
     described = info.get("weights")
     if weights is None and config.weights_dir is not None and isinstance(described, str) and Path(described).is_file():
         weights = Path(described)  # found through --weights-dir, which the image build does not see
-    extra = {name: Path(path) for name, path in images.image_parts(model, dict(config.weights)).items()}
+    extra = {name: Path(path) for name, path in model_image.image_parts(model, dict(config.weights)).items()}
     if weights is not None:
-        want = images.file_sha256(Path(weights))
+        want = common.file_sha256(Path(weights))
     elif info.get("weights_sha256"):
         want = info["weights_sha256"]
     elif isinstance(described, str) and Path(described).is_file():
-        want = images.file_sha256(Path(described))
+        want = common.file_sha256(Path(described))
     else:
         want = "none"
-    tag = images.default_tag(model)
+    tag = model_image.default_tag(model)
     try:
         labels = client.images.get(tag).labels or {}
     except docker.errors.ImageNotFound:
         labels = None
     if labels is not None:
         expected = {"model": model, "version": __version__, "weights-sha256": want,
-                    "runtime": images.ensure_runtime_image(client, log), "backend": info.get("backend") or "none",
-                    **{f"weights-sha256.{name}": images.file_sha256(path) for name, path in extra.items()}}
-        stale = [key for key, value in expected.items() if labels.get(images.LABEL + key) != value]
+                    "runtime": layers.ensure_runtime_image(client, log), "backend": info.get("backend") or "none",
+                    **{f"weights-sha256.{name}": common.file_sha256(path) for name, path in extra.items()}}
+        stale = [key for key, value in expected.items() if labels.get(common.LABEL + key) != value]
         if not stale:
             log(f"{model}: using the existing image {tag}")
             return tag
         log(f"{model}: rebuilding {tag} (changed: {', '.join(stale)})")
     try:
-        return images.build_image(model, weights=weights, client=client, log=log, extra_weights=extra).tag
+        return model_image.build_image(model, weights=weights, client=client, log=log, extra_weights=extra).tag
     except Exception as exc:  # noqa: BLE001 - ImageBuildError, a weights file, the engine
         raise RunnerError(f"{model}: cannot build its image: {type(exc).__name__}: {exc}") from exc
 

@@ -63,6 +63,7 @@ from harness.runners.case import (
     record_error,
     save_and_score,
 )
+from harness.runners.reaper import processes_with_env
 
 if TYPE_CHECKING:
     from harness.pluginmanager import HarnessPlugins
@@ -217,51 +218,6 @@ def loopback_only():
 OWNER_ENV = "HARNESS_RAY_INSTANCE"
 """Set (to a token of the run) in the environment of every process of a local instance the runner starts,
 so that the reaper finds them: Ray's processes inherit it from the driver, its workers from the raylet."""
-
-_REAPER = r"""
-import os, signal, sys, time
-token, driver = sys.argv[1].encode(), int(sys.argv[2])
-mark, me = b"%s=%s" % (sys.argv[3].encode(), token), os.getpid()
-sys.stdin.buffer.read()  # EOF: the run closed its end (it shut Ray down), or its process died
-def owned():
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) not in (me, driver):
-            try:
-                with open(f"/proc/{name}/environ", "rb") as fh:
-                    if mark in fh.read().split(b"\0"):
-                        pids.append(int(name))
-            except OSError:
-                pass
-    return pids
-def wait(seconds):
-    end = time.monotonic() + seconds
-    while owned() and time.monotonic() < end:
-        time.sleep(0.1)
-wait(3.0)  # a clean shutdown stops them itself
-for sig in (signal.SIGTERM, signal.SIGKILL):
-    for pid in owned():
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-    wait(3.0)
-"""
-
-
-def processes_with_env(name: str, value: str) -> list[int]:
-    """PIDs of the processes (of this user) whose environment holds ``name=value``."""
-    mark, found = f"{name}={value}".encode(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as fh:
-                    if mark in fh.read().split(b"\0"):
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
 
 def _join_address(address: str) -> str:
     """``address`` as Ray will dial it: ``auto`` is the cluster ``ray start`` recorded on this machine (or
@@ -624,7 +580,7 @@ class RayRunner(Runner):
 
             token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
             self._reaper = subprocess.Popen(
-                [sys.executable, "-c", _REAPER, token, str(os.getpid()), OWNER_ENV], stdin=subprocess.PIPE,
+                [sys.executable, "-m", "harness.runners.reaper", token, str(os.getpid()), OWNER_ENV], stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             previous = os.environ.get(OWNER_ENV)
             os.environ[OWNER_ENV] = token

@@ -603,6 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_image_parsers(sub)  # harness build / harness export (docker images)
 
+    from harness.interactive.cli import add_parsers as add_interactive_parsers  # harness convert / harness clicks
+
+    add_interactive_parsers(sub)
+
     from training.cli import add_parsers as add_train_parsers  # argparse only: torch loads when training starts
 
     add_train_parsers(sub)

@@ -112,7 +112,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.memory and config.runner != "docker":
         raise SystemExit(f"harness run: --memory limits the docker runner's containers, not --runner {config.runner}")
     try:
-        report = run(config)
+        if args.box_jitter:
+            from harness.jitter import run_box_jitter
+
+            report = run_box_jitter(config, args.box_jitter, seed=args.jitter_seed)
+        else:
+            report = run(config)
     except RunnerError as exc:
         print(f"harness run: {exc}", file=sys.stderr)
         return 2
@@ -484,6 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="docker runner: the container's memory limit (default 8G, the challenge's); a case killed "
                         "at the limit is an error")
     p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
+    p.add_argument("--box-jitter", default=None, metavar="LEVELS",
+                   help="box robustness sweep, e.g. 0,5,10,20: each level is its own entry <model>[jitter=L] whose "
+                        "box sides each move by a seeded random -a..a pixels, a = L * image size / 256 (z by the "
+                        "same distance in mm), clipped; level 0 is the plain run (harness.jitter)")
+    p.add_argument("--jitter-seed", type=int, default=0, help="seed of --box-jitter's perturbations (default 0)")
     p.add_argument("--metrics", type=_metrics_arg, default=("dsc", "nsd"), metavar="M1,M2,...",
                    help=_METRICS_HELP + "; stored per case in results.jsonl. A resumed run does not rescore the "
                         "cases already finished: use a new --out to add metrics to a finished run, or "

@@ -134,3 +134,16 @@ def test_plain_keys_refuse_pickles(tmp_path):
     with pytest.raises(CaseError, match="'imgs' holds pickled"):
         read_interactive_input(path)
     assert zipfile.is_zipfile(path)
+
+
+def test_the_package_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import harness.interactive.safe_npz, harness.interactive.clicks, harness.interactive.scores\n"
+            "import harness.interactive.convert, harness.interactive.protocol, harness.interactive.baseline\n"
+            "import harness.interactive.cli, harness.jitter\n"
+            "assert 'harness.cli' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -3,12 +3,15 @@
 A reader (or a resumed run) sees either the old file or the complete new one, never half of it.
 Temp files are named ``.<name>.<pid>-<random>.medsam-harness.tmp`` (:data:`TEMP_SUFFIX`): a name no other
 program uses, carrying the writer's process id. A killed writer can leave one behind;
-:func:`sweep_temp_files` removes those, and only those, in the folders a run writes.
+:func:`sweep_temp_files` removes those, and only those, in the folders a run writes. The subprocess
+runner's case folders in ``OUT`` carry the same kind of name (``.case.<pid>-<random>.medsam-harness.tmp``)
+and are swept from ``OUT`` itself the same way.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterable, Iterator
@@ -57,16 +60,23 @@ def _writer_alive(tmp: Path) -> bool:
 
 def sweep_temp_files(folder: str | os.PathLike, recursive: Iterable[str] = ()) -> int:
     """Remove the harness's own temp files (``.*`` + :data:`TEMP_SUFFIX`) that dead writers left in
-    ``folder`` itself and in its subfolders named in ``recursive`` (searched to any depth); return how
-    many. Nothing else is touched: files of other programs, whatever their names, and other folders."""
+    ``folder`` itself and in its subfolders named in ``recursive`` (searched to any depth), and its temp
+    folders of that name (a killed run's case folders) in ``folder`` itself; return how many. Nothing else
+    is touched: files of other programs, whatever their names, other folders, and what symlinks point to."""
     folder = Path(folder)
-    candidates = list(folder.glob(f".*{TEMP_SUFFIX}"))
+    top = list(folder.glob(f".*{TEMP_SUFFIX}"))
+    candidates = list(top)
     for sub in recursive:
         if (folder / sub).is_dir() and not (folder / sub).is_symlink():
             candidates += (folder / sub).rglob(f".*{TEMP_SUFFIX}")
     removed = 0
     for tmp in candidates:
-        if tmp.is_file() and not tmp.is_symlink() and not _writer_alive(tmp):
+        if tmp.is_symlink() or _writer_alive(tmp):
+            continue
+        if tmp.is_file():
             tmp.unlink(missing_ok=True)
+            removed += 1
+        elif tmp.is_dir() and tmp in top:
+            shutil.rmtree(tmp, ignore_errors=True)
             removed += 1
     return removed

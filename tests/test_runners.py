@@ -136,7 +136,7 @@ def test_subprocess_child_failure_and_timeout_are_errors_with_the_log(tmp_path):
     assert "picky model refuses microscopy" in micro["error"]  # the child's log tail
     assert str(data / "imgs" / "2DBox_Microscopy_dsb2018-t1.npz") in micro["error"]
     us = recs[("picky[subprocess]", "2DBox_US_hc18-158.npz")]
-    assert us["status"] == "error" and "timed out after 8 s" in us["error"] and 8 <= us["seconds"] < 30
+    assert us["status"] == "error" and "exceeded --timeout 8 s" in us["error"] and 8 <= us["seconds"] < 30
     pet = recs[("picky[subprocess]", "3DBox_PET_sts024.npz")]
     assert pet["status"] == "ok" and segs_of(out, pet).max() == 1
 
@@ -194,8 +194,10 @@ def test_runner_settings_are_checked_before_any_work(tmp_path):
     with pytest.raises(RunnerError, match=rf"--backend {other} cannot be passed"):
         check_config(RunConfig(**base, runner="docker", backend=other))
     check_config(RunConfig(**base, runner="docker", backend=auto))  # the default, named
-    with pytest.raises(RunnerError, match="--timeout needs --runner subprocess or docker"):
-        check_config(RunConfig(**base, timeout=5))
+    with pytest.raises(RunnerError, match="--timeout must be positive"):
+        check_config(RunConfig(**base, timeout=-5))
+    with pytest.raises(RunnerError, match="--memory 'lots'"):
+        check_config(RunConfig(**base, memory="lots"))
     with pytest.raises(RunnerError, match="unknown runner"):
         check_config(RunConfig(**base, runner="kubernetes"))
     with pytest.raises(RunnerError, match="--memory"):
@@ -210,9 +212,9 @@ def test_runner_settings_are_checked_before_any_work(tmp_path):
     cli = harness_cli(["run", "--models", "boxfill", "--runner", "subprocess", "--image", "x.tar.gz", "--out",
                        str(tmp_path / "o")])
     assert cli.returncode == 2 and "needs --runner docker" in cli.stderr
-    memory = harness_cli(["run", "--models", "boxfill", "--runner", "subprocess", "--memory", "1G", "--out",
-                          str(tmp_path / "o")])
-    assert memory.returncode != 0 and "--memory limits the docker runner's containers" in memory.stderr
+    isolate = harness_cli(["run", "--models", "boxfill", "--runner", "subprocess", "--isolate", "--out",
+                           str(tmp_path / "o")])
+    assert isolate.returncode != 0 and "--isolate is the native runner's" in isolate.stderr
 
 
 def test_docker_runner_without_an_engine_is_a_clear_error(tmp_path):

@@ -29,6 +29,7 @@ INPUTS_MOUNT = "/workspace/inputs/"
 OUTPUTS_MOUNT = "/workspace/outputs/"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 EVALUATION_LABEL = "org.medsam-harness.evaluation"  # on each case's container: the case's file name
+DEFAULT_MEMORY = "8G"  # the challenge's limit, when --memory is not given
 
 
 def parse_memory(text: str) -> int:
@@ -55,8 +56,8 @@ class DockerExecutor:
 
     def __init__(self, client, image: str, config):
         self.client, self.image, self.config = client, image, config
-        self.memory = config.memory
-        self.limit_bytes = parse_memory(config.memory)
+        self.memory = config.memory or DEFAULT_MEMORY
+        self.limit_bytes = parse_memory(self.memory)
         self.systemd = (client.info().get("CgroupDriver") == "systemd")
         self.cgroup_version = _cgroup_version()
         self.memory_method = (f"cgroup v{self.cgroup_version} "
@@ -256,7 +257,7 @@ class DockerRunner(Runner):
 
     def check(self, config) -> None:
         check_timeout(config)
-        parse_memory(config.memory)
+        parse_memory(config.memory or DEFAULT_MEMORY)
         changed = [f"--{key} {value}" for key, value in changed_choices(config).items()]
         if changed:
             raise RunnerError(f"--runner docker runs an image's predict.sh as built (the defaults: "
@@ -272,7 +273,7 @@ class DockerRunner(Runner):
 
         client = _connect()
         container_threads = default_threads()  # a container sees every CPU (no --cpus), as the challenge's
-        facts = {"runner": self.name, "timing_mode": TIMING_MODE, "memory_limit": config.memory}
+        facts = {"runner": self.name, "timing_mode": TIMING_MODE, "memory_limit": config.memory or DEFAULT_MEMORY}
 
         def target(entry: str, segmenter: str, describe, tag_of) -> Target:
             def open_() -> FunctionSession:

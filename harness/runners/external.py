@@ -13,6 +13,7 @@ goes on.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from harness.atomic import TEMP_SUFFIX
 from harness.cases import Case, CaseError, load_case, load_segs
 from harness.runners.base import CaseRunError
 from harness.runners.case import (
@@ -102,7 +104,7 @@ def run_external_case(executor, entry: str, segmenter: str, case_path: Path, con
         case = load_case(case_path)
         describe_case(record, case)
         stage.name = f"running {executor.what}"
-        with tempfile.TemporaryDirectory(prefix="harness-case-", ignore_cleanup_errors=True) as tmp:
+        with _case_folder(getattr(executor, "work_dir", None)) as tmp:
             work = Path(tmp)
             inputs, outputs = work / "inputs", work / "outputs"
             inputs.mkdir()
@@ -123,6 +125,17 @@ def run_external_case(executor, entry: str, segmenter: str, case_path: Path, con
     except Exception as exc:  # noqa: BLE001 - one bad case never stops the run
         record_error(record, stage, exc, case_path)
     return finish_record(record)
+
+
+def _case_folder(parent: Path | None) -> tempfile.TemporaryDirectory:
+    """A case's fresh folder: in the system's temporary folder, or in ``parent`` (an executor's
+    ``work_dir``) under a name of the harness's own, which a later run there sweeps if this process is
+    killed before removing it (:func:`harness.atomic.sweep_temp_files`)."""
+    if parent is None:
+        return tempfile.TemporaryDirectory(prefix="harness-case-", ignore_cleanup_errors=True)
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f".case.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=parent,
+                                       ignore_cleanup_errors=True)
 
 
 def describe_model(spec: SegmenterSpec, config: RunConfig, plugins: HarnessPlugins, threads: int,

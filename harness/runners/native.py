@@ -4,6 +4,12 @@ Timing mode ``in-process``: a case's ``seconds`` is the wall time of its segment
 (``Segmenter.segment``: preprocessing, encoder, decoder, postprocessing), not reading the npz, writing
 segs or scoring; ``peak_rss_mb`` is the process's peak RSS during that segmentation
 (:mod:`harness.profiling`).
+
+Isolated (``--isolate``, and whenever ``--timeout`` or ``--memory`` is given): the segmenter runs in a
+worker process instead (:mod:`harness.runners.isolated`), timed there the same way, so that ``os._exit``,
+a crash, a hang or a runaway allocation ends only that case. In this process a segmenter's ``sys.exit``
+is an error record of its case; ``os._exit`` or a crash ends the run (then the in-flight markers of
+:mod:`harness.run` take over).
 """
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ from typing import TYPE_CHECKING
 from harness.cases import load_case
 from harness.choices import entry_name, resolved_backend, variant_tags
 from harness.results import update_models
-from harness.runners.base import FunctionSession, Runner, RunnerError, Target
+from harness.runners.base import FunctionSession, Runner, Session, Target
+from harness.runners.isolated import IsolatedSession
+from harness.runners.limits import Limits
 from harness.runners.case import (
     Stage,
     check_segs,
@@ -48,9 +56,34 @@ def run_case(segmenter, entry: str, spec: "SegmenterSpec", case_path: Path, conf
         record.update(seconds=seconds, peak_rss_mb=mem.mb, memory_method=mem.method)
         segs = check_segs(segs, case)
         save_and_score(record, case, segs, case_path, config, stage)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - one bad case never stops the run
+        record_error(record, stage, exc, case_path)
+    return finish_record(record)
+
+
+def run_isolated_case(session: "IsolatedSession", entry: str, spec: "SegmenterSpec", case_path: Path,
+                      config: "RunConfig", threads: int, backend: str | None) -> dict:
+    """:func:`run_case` with the segmentation in the session's worker: the same steps, timing and record,
+    plus the limits it ran under; never raises for a problem of the case, the model or the worker."""
+    record = new_record(entry, spec.name, case_path, config, threads, TIMING_MODE, backend)
+    record.update(isolated=True, **session.limits.record_fields())
+    stage = Stage()
+    try:
+        case = load_case(case_path)
+        describe_case(record, case)
+        stage.name = "segmenting"
+        done = session.segment(case, case_path)
+        record.update(seconds=done.seconds, peak_rss_mb=done.peak_rss_mb, memory_method=done.memory_method)
+        segs = check_segs(done.segs, case)
+        save_and_score(record, case, segs, case_path, config, stage)
     except Exception as exc:  # noqa: BLE001 - one bad case never stops the run
         record_error(record, stage, exc, case_path)
     return finish_record(record)
+
+
+def isolated(config: "RunConfig") -> bool:
+    """Whether a native run segments in an isolated worker: asked for, or needed for a limit."""
+    return bool(config.isolate or config.timeout is not None or config.memory)
 
 
 def ran_on(spec: "SegmenterSpec", described: dict, config: "RunConfig") -> str | None:
@@ -69,9 +102,7 @@ class NativeRunner(Runner):
     description = "in this process; a case's time is its segmentation (the model loaded once)"
 
     def check(self, config) -> None:
-        if config.timeout is not None:
-            raise RunnerError("--timeout needs --runner subprocess or docker (a native run cannot stop a case "
-                              "inside its own process)")
+        Limits.of(config)  # a bad --timeout or --memory stops the run before any work
 
     def targets(self, specs, config, plugins: "HarnessPlugins", threads: int, log=print) -> list[Target]:
         return [self._target(spec, config, plugins, threads) for spec in specs]
@@ -79,12 +110,27 @@ class NativeRunner(Runner):
     def _target(self, spec: "SegmenterSpec", config: "RunConfig", plugins: "HarnessPlugins", threads: int) -> Target:
         entry = entry_name(spec, config)
 
-        def open_() -> FunctionSession:
+        def open_() -> Session:
+            if isolated(config):
+                return open_isolated()
             segmenter = spec.load(load_options(spec, config, threads))
             described = segmenter.describe()
             update_models(config.out_dir, entry, model_info(spec, described, plugins, variant_tags(spec, config)))
             backend = ran_on(spec, described, config)
             return FunctionSession(lambda case_path: run_case(segmenter, entry, spec, case_path, config, threads,
                                                               backend))
+
+        def open_isolated() -> IsolatedSession:
+            session = IsolatedSession(spec.name, load_options(spec, config, threads), Limits.of(config),
+                                      lambda s, case_path: run_isolated_case(s, entry, spec, case_path, config,
+                                                                             threads, backend))
+            try:
+                described = session.described
+                update_models(config.out_dir, entry, model_info(spec, described, plugins, variant_tags(spec, config)))
+                backend = ran_on(spec, described, config)
+            except BaseException:
+                session.close()
+                raise
+            return session
 
         return Target(entry, open_, runner=self.name, timing_mode=self.timing_mode)

@@ -7,6 +7,14 @@ count; only growth in the last poll interval before the exit can be missed. (``w
 ``ru_maxrss`` is not used: Linux carries the parent's own high-water mark over into the child at
 ``exec``, so it reports at least the parent's peak.) See :mod:`harness.runners.external` for what
 is timed and checked.
+
+Limits (:mod:`harness.runners.limits`): ``--timeout`` kills the child's process group after that many
+seconds; ``--memory`` caps the child's address space (``RLIMIT_AS``), and a child that fails at the cap
+(a MemoryError in its log, or an address space that reached it) is an error naming the limit. The child
+is killed if this process dies (``PR_SET_PDEATHSIG``), even by SIGKILL. Its inputs and outputs folders
+are in ``OUT``, named ``.case.<pid>-<random>.medsam-harness.tmp`` (the pid is this process's): removed
+after each case, also on Ctrl-C; a run killed outright leaves one, which the next run in that ``OUT``
+removes (:func:`harness.atomic.sweep_temp_files`).
 """
 from __future__ import annotations
 
@@ -22,32 +30,26 @@ from harness.choices import entry_name, variant_tags
 from harness.results import update_models
 from harness.runners.base import FunctionSession, Runner, RunnerError, Target
 from harness.runners.external import TIMING_MODE, Outcome, describe_model, run_external_case, with_log
-
-
-def _vmhwm_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None  # a zombie has no memory lines
+from harness.runners.limits import Limits, child_setup, exit_text, kernel_oom_kill, proc_status_kb, process_name
 
 
 class _ChildPeak(threading.Thread):
-    """Poll a child's kernel-kept peak RSS (VmHWM) until stopped; ``kb`` is the last (largest) value."""
+    """Poll a child's kernel-kept peak RSS (VmHWM) and peak address space (VmPeak) until stopped; ``kb`` and
+    ``vm_kb`` are the last (largest) values. (A zombie has no memory lines.)"""
 
     def __init__(self, pid: int, interval_s: float = 0.005):
         super().__init__(daemon=True)
-        self.pid, self.interval_s, self.kb = pid, interval_s, None
+        self.pid, self.interval_s, self.kb, self.vm_kb = pid, interval_s, None, None
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while True:
-            kb = _vmhwm_kb(self.pid)
+            kb = proc_status_kb(self.pid, "VmHWM")
             if kb is not None:
                 self.kb = max(self.kb or 0, kb)
+            vm_kb = proc_status_kb(self.pid, "VmPeak")
+            if vm_kb is not None:
+                self.vm_kb = max(self.vm_kb or 0, vm_kb)
             if self._stop_event.wait(self.interval_s):
                 return
 
@@ -67,6 +69,8 @@ class SubprocessExecutor:
 
     def __init__(self, model: str, config, threads: int):
         self.model, self.config, self.threads = model, config, threads
+        self.limits = Limits.of(config)
+        self.work_dir = config.out_dir  # the case folders: in OUT, swept there after a kill (see above)
 
     def command(self, inputs: Path, outputs: Path) -> list[str]:
         c = self.config
@@ -83,11 +87,14 @@ class SubprocessExecutor:
 
     def execute(self, inputs: Path, outputs: Path, work: Path) -> Outcome:
         log_path = work / "predict.log"
-        timeout = self.config.timeout
+        timeout = self.limits.timeout
         with log_path.open("wb") as log_fh:
             start = time.perf_counter()
             proc = subprocess.Popen(self.command(inputs, outputs), stdin=subprocess.DEVNULL, stdout=log_fh,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=child_setup(self.limits.memory))
+            started_at = time.monotonic()
+            name = process_name(proc.pid)
             peak = _ChildPeak(proc.pid)
             peak.start()
             timed_out = threading.Event()
@@ -114,13 +121,16 @@ class SubprocessExecutor:
         peak_mb = peak.kb / 1024.0 if peak.kb else None
         problem = None
         if timed_out.is_set():
-            problem = f"timed out after {timeout:g} s (killed)"
-        elif code < 0:
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-            problem = with_log(f"{self.what} was killed by {name}"
-                                + (" (out of memory?)" if -code == signal.SIGKILL else ""), log)
+            problem = self.limits.timeout_problem()
         elif code != 0:
-            problem = with_log(f"{self.what} exited with status {code}", log)
+            problem = f"{self.what} {exit_text(code)}"
+            if self.limits.memory and ("MemoryError" in log or self.limits.reached_memory(peak.vm_kb)):
+                problem = self.limits.memory_problem(problem)
+            elif code < 0:
+                oom = kernel_oom_kill(proc.pid, name, started_at)
+                if oom:
+                    problem += f"; the kernel killed it for lack of memory: {oom}"
+            problem = with_log(problem, log)
         return Outcome(seconds, code, peak_mb, self.memory_method if peak_mb else None, log, problem)
 
 
@@ -139,7 +149,7 @@ class SubprocessRunner(Runner):
     description = "one `harness predict` process per case, timed end to end"
 
     def check(self, config) -> None:
-        check_timeout(config)
+        Limits.of(config)  # a bad --timeout or --memory stops the run before any work
 
     def targets(self, specs, config, plugins, threads: int, log=print) -> list[Target]:
         out = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 import threading
@@ -104,25 +105,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner_options=_runner_options(args),
         image=args.image,
         timeout=args.timeout,
-        memory=args.memory,
-        isolate=args.isolate,
+        memory=args.memory or "8G",
         retry_errors=args.retry_errors,
         progress=not args.no_progress,
         metrics=args.metrics,
+        max_case_gb=args.max_case_gb,
     )
-    if args.memory and config.runner not in ("native", "subprocess", "docker"):
-        raise SystemExit(f"harness run: --memory limits the native (isolated), subprocess and docker runners, not "
-                         f"--runner {config.runner}")
-    if args.isolate and config.runner != "native":
-        raise SystemExit(f"harness run: --isolate is the native runner's; --runner {config.runner} already runs "
-                         "cases outside this process")
-    try:
-        if args.box_jitter:
-            from harness.jitter import run_box_jitter
+    from harness.cases import set_max_case_gb
 
-            report = run_box_jitter(config, args.box_jitter, seed=args.jitter_seed)
-        else:
-            report = run(config)
+    set_max_case_gb(args.max_case_gb)  # also for the processes the run starts (workers, `harness predict`)
+    if args.memory and config.runner != "docker":
+        raise SystemExit(f"harness run: --memory limits the docker runner's containers, not --runner {config.runner}")
+    try:
+        report = run(config)
     except RunnerError as exc:
         print(f"harness run: {exc}", file=sys.stderr)
         return 2
@@ -151,7 +146,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         report = predict(args.model, args.inputs, args.outputs, weights=weights, weights_dir=weights_dir,
                          allow_pickle=args.allow_pickle, threads=args.threads, device=args.device,
-                         path=args.path, precision=args.precision, backend=args.backend, plugins=plugins)
+                         path=args.path, precision=args.precision, backend=args.backend, plugins=plugins,
+                         max_case_gb=args.max_case_gb)
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model did not load: say so in one line
@@ -193,7 +189,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from harness.scoring import score_dirs
 
     frame = score_dirs(Path(args.segs), Path(args.gts), workers=args.workers, imgs_dir=args.imgs,
-                       metrics=args.metrics)
+                       metrics=args.metrics, max_case_gb=args.max_case_gb)
     if args.output:
         frame.to_csv(args.output, index=False, float_format="%.17g")
         print(f"wrote {len(frame)} rows to {args.output}")
@@ -438,6 +434,17 @@ def _add_statistics(p: argparse.ArgumentParser) -> None:
                    help="seed of the resampling: the same seed gives the same intervals (default 0)")
 
 
+def _add_max_case_gb(p: argparse.ArgumentParser, what: str = "case file") -> None:
+    """``--max-case-gb``: the decompressed-size limit of one npz file (:func:`harness.cases.max_case_bytes`)."""
+    from harness.cases import MAX_CASE_ENV, default_max_case_bytes
+
+    p.add_argument("--max-case-gb", type=_positive_float, default=None, metavar="GB",
+                   help=f"refuse a {what} whose arrays would take more than GB (10^9 bytes) once decompressed, "
+                        "read from the npz's .npy headers before anything is decompressed (an error row naming "
+                        f"the file, the array, its size and the limit); default: {MAX_CASE_ENV} if set, else a "
+                        f"quarter of this machine's physical memory ({default_max_case_bytes() / 1e9:.1f} GB here)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harness",
@@ -487,26 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, metavar="TAG_OR_TARBALL",
                    help="docker runner: evaluate this image (a tag, or a submission team.tar.gz, loaded first) "
                         "instead of building the harness's own image of --models; implies --runner docker")
-    p.add_argument("--isolate", action="store_true",
-                   help="native runner: segment in a worker process that loads the model once, so that a segmenter "
-                        "calling os._exit, crashing or hanging ends only its case (an error naming the exit) and "
-                        "the next case gets a fresh worker; timed inside the worker as in-process. Implied by "
-                        "--timeout and --memory")
     p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="kill a case after this many seconds (an error naming the limit; default: no limit): "
-                        "native (in an isolated worker), subprocess and docker runners")
-    p.add_argument("--memory", default=None, metavar="SIZE",
-                   help="memory limit such as 4g or 512m. docker: the container's (a cgroup's, resident memory; "
-                        "default 8G, the challenge's). native (isolated worker) and subprocess: RLIMIT_AS, a cap on "
-                        "the segmenting process's address space (virtual memory, not resident memory: runtimes that "
-                        "reserve large virtual areas may need more); an allocation past it is an error naming the "
-                        "limit. Default there: no limit")
+                   help="subprocess and docker runners: kill a case after this many seconds (an error; default: "
+                        "no limit)")
+    p.add_argument("--memory", default=None,
+                   help="docker runner: the container's memory limit (default 8G, the challenge's); a case killed "
+                        "at the limit is an error")
+    _add_max_case_gb(p)
     p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
-    p.add_argument("--box-jitter", default=None, metavar="LEVELS",
-                   help="box robustness sweep, e.g. 0,5,10,20: each level is its own entry <model>[jitter=L] whose "
-                        "box sides each move by a seeded random -a..a pixels, a = L * image size / 256 (z by the "
-                        "same distance in mm), clipped; level 0 is the plain run (harness.jitter)")
-    p.add_argument("--jitter-seed", type=int, default=0, help="seed of --box-jitter's perturbations (default 0)")
     p.add_argument("--metrics", type=_metrics_arg, default=("dsc", "nsd"), metavar="M1,M2,...",
                    help=_METRICS_HELP + "; stored per case in results.jsonl. A resumed run does not rescore the "
                         "cases already finished: use a new --out to add metrics to a finished run, or "
@@ -529,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "segmenter (medsam=PATH completes a distilled student)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     _add_execution_choices(p)
+    _add_max_case_gb(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="time execution variants (faithful, fast, bf16, backends) side by side",
@@ -562,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=1, help="processes to score with")
     p.add_argument("--metrics", type=_metrics_arg, default=("dsc", "nsd"), metavar="M1,M2,...",
                    help=_METRICS_HELP + "; extra metrics are columns after nsd")
+    _add_max_case_gb(p, "file")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("leaderboard", help="render the markdown leaderboard of a run folder (with CIs, paired "
@@ -661,6 +658,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UnknownSegmenterError, UnknownRunnerError, PluginError, StoreLockedError, FileNotFoundError) as exc:
         print(f"harness {args.command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk: no traceback; what was stored before stays (results.jsonl is cut back to whole lines)
+        print(f"harness {args.command}: {exc}; free some space and run the same command again", file=sys.stderr)
+        return 1
     except ValueError as exc:
         if args.command != "train":  # bad settings; elsewhere a ValueError is a bug worth its traceback
             raise

@@ -45,6 +45,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from harness.cases import MAX_LABEL
+
 __all__ = [
     "CaseMetrics",
     "NSD_DSC_GATE",
@@ -61,6 +63,7 @@ __all__ = [
     "EMPTY_MASK_POLICY",
     "parse_metrics",
     "distance_metrics",
+    "MAX_LABEL",
 ]
 
 #: The case NSD is only computed when the case DSC is strictly above this value.
@@ -536,6 +539,15 @@ class CaseMetrics:
     nsd_per_label: tuple
 
 
+def _top_label(gt: np.ndarray) -> int:
+    """``gt.max()`` (0 when empty), or ValueError above :data:`MAX_LABEL`: every label ``1..max`` is
+    scored, so one stray voxel labelled 2e8 would otherwise allocate gigabytes of per-label counts."""
+    top = int(gt.max()) if gt.size else 0
+    if top > MAX_LABEL:
+        raise ValueError(f"gt has label {top}; labels above {MAX_LABEL} cannot be scored (every label 1..max is)")
+    return top
+
+
 def _case_spacing(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] | None) -> tuple[float, ...]:
     """The spacing a case is scored with: (1, 1) for 2D (the challenge scores 2D cases in pixels), the
     checked ``spacing`` for 3D; ValueError for mismatched shapes, a 3D case without spacing, other ranks."""
@@ -558,7 +570,8 @@ def case_metrics(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] | Non
     (``gt.ndim == 2``) are scored as ``(H, W, 1)`` volumes with spacing
     ``(1, 1, 1)`` whatever ``spacing`` says (as the challenge does); 3D arrays
     need ``spacing`` (mm per array axis, e.g. the gts file's ``spacing``).
-    Labels are ``1..gt.max()``; labels of ``seg`` above ``gt.max()`` are ignored.
+    Labels are ``1..gt.max()``; labels of ``seg`` above ``gt.max()`` are ignored. A ``gt`` label above
+    :data:`MAX_LABEL` is a ValueError.
     """
     gt = np.asarray(gt)
     seg = np.asarray(seg)
@@ -570,7 +583,7 @@ def case_metrics(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] | Non
     if seg.dtype == bool:
         seg = seg.view(np.uint8)
 
-    max_label = int(gt.max()) if gt.size else 0
+    max_label = _top_label(gt)
     if max_label <= 0:
         return CaseMetrics(math.nan, 0.0 if compute_nsd else math.nan, (), ())
     if gt.ndim == 2:
@@ -785,7 +798,7 @@ def distance_metrics(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] |
 
     gt_i = _label_image(gt)
     seg_i = _label_image(seg)
-    max_label = int(gt_i.max()) if gt_i.size else 0
+    max_label = _top_label(gt_i)
     per_label: dict[str, list[float]] = {name: [] for name in names}
     if max_label > 0:
         diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(gt.shape, sp)))

@@ -67,8 +67,13 @@ def predict(
     backend: str = DEFAULT_BACKEND,
     plugins: HarnessPlugins | None = None,
     log=print,
+    max_case_gb: float | None = None,
 ) -> PredictReport:
     """Segment every case of ``inputs`` with ``model`` into ``outputs``; never raises for one case.
+
+    ``max_case_gb``: a case file whose arrays would take more than this decompressed is refused before
+    it is read (default :func:`harness.cases.max_case_bytes`: ``HARNESS_MAX_CASE_GB``, else a quarter of
+    physical memory).
 
     Raises FileNotFoundError for a missing input folder, and whatever the segmenter's loader raises
     when the model cannot load.
@@ -86,11 +91,12 @@ def predict(
     pin_threads(threads)
     segmenter = spec.load(load_options(spec, config, threads))
     outputs.mkdir(parents=True, exist_ok=True)
+    max_bytes = None if max_case_gb is None else int(max_case_gb * 10**9)
     report = PredictReport()
     for case_path in cases:
         stage = "loading the case"
         try:
-            case = load_case(case_path)
+            case = load_case(case_path, max_bytes)
             stage = "segmenting"
             segs, seconds, _ = timed_segment(segmenter, case)
             segs = check_segs(segs, case)

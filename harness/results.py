@@ -130,18 +130,39 @@ class ResultsStore:
         }
 
     def append(self, record: dict) -> None:
-        """Write one record as one line, durably."""
+        """Write one record as one line, durably.
+
+        A failed write (a full disk, a quota) cuts the file back to its length before the write, so the
+        records already stored stay whole and a later append does not join a torn line; it raises
+        OSError with ``filename`` set to the results file."""
         line = (json.dumps(_clean(record), default=str) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            view = memoryview(line)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self._write_error(exc, record) from exc
+        try:
+            before = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            except OSError as exc:
+                try:
+                    os.ftruncate(fd, before)
+                except OSError:
+                    pass  # _repair cuts a torn last line when the store is next opened
+                raise self._write_error(exc, record) from exc
         finally:
             os.close(fd)
         self._records.append(json.loads(line))
+
+    def _write_error(self, exc: OSError, record: dict) -> OSError:
+        """``exc`` as an OSError naming the results file and the record that could not be stored."""
+        what = f"the record of {record.get('model')} / {record.get('case')} could not be stored"
+        kept = f"the {len(self._records)} records before it are kept"
+        return OSError(exc.errno, f"{what} ({exc.strerror or exc}); {kept}", str(self.path))
 
 
 def read_models(out_dir: str | os.PathLike) -> dict[str, dict]:

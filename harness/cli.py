@@ -105,7 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner_options=_runner_options(args),
         image=args.image,
         timeout=args.timeout,
-        memory=args.memory or "8G",
+        memory=args.memory,
+        isolate=args.isolate,
         retry_errors=args.retry_errors,
         progress=not args.no_progress,
         metrics=args.metrics,
@@ -114,10 +115,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.cases import set_max_case_gb
 
     set_max_case_gb(args.max_case_gb)  # also for the processes the run starts (workers, `harness predict`)
-    if args.memory and config.runner != "docker":
-        raise SystemExit(f"harness run: --memory limits the docker runner's containers, not --runner {config.runner}")
+    if args.memory and config.runner not in ("native", "subprocess", "docker"):
+        raise SystemExit(f"harness run: --memory limits the native (isolated), subprocess and docker runners, not "
+                         f"--runner {config.runner}")
+    if args.isolate and config.runner != "native":
+        raise SystemExit(f"harness run: --isolate is the native runner's; --runner {config.runner} already runs "
+                         "cases outside this process")
     try:
-        report = run(config)
+        if args.box_jitter:
+            from harness.jitter import run_box_jitter
+
+            report = run_box_jitter(config, args.box_jitter, seed=args.jitter_seed)
+        else:
+            report = run(config)
     except RunnerError as exc:
         print(f"harness run: {exc}", file=sys.stderr)
         return 2
@@ -494,14 +504,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, metavar="TAG_OR_TARBALL",
                    help="docker runner: evaluate this image (a tag, or a submission team.tar.gz, loaded first) "
                         "instead of building the harness's own image of --models; implies --runner docker")
+    p.add_argument("--isolate", action="store_true",
+                   help="native runner: segment in a worker process that loads the model once, so that a segmenter "
+                        "calling os._exit, crashing or hanging ends only its case (an error naming the exit) and "
+                        "the next case gets a fresh worker; timed inside the worker as in-process. Implied by "
+                        "--timeout and --memory")
     p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="subprocess and docker runners: kill a case after this many seconds (an error; default: "
-                        "no limit)")
-    p.add_argument("--memory", default=None,
-                   help="docker runner: the container's memory limit (default 8G, the challenge's); a case killed "
-                        "at the limit is an error")
+                   help="kill a case after this many seconds (an error naming the limit; default: no limit): "
+                        "native (in an isolated worker), subprocess and docker runners")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="memory limit such as 4g or 512m. docker: the container's (a cgroup's, resident memory; "
+                        "default 8G, the challenge's). native (isolated worker) and subprocess: RLIMIT_AS, a cap on "
+                        "the segmenting process's address space (virtual memory, not resident memory: runtimes that "
+                        "reserve large virtual areas may need more); an allocation past it is an error naming the "
+                        "limit. Default there: no limit")
     _add_max_case_gb(p)
     p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
+    p.add_argument("--box-jitter", default=None, metavar="LEVELS",
+                   help="box robustness sweep, e.g. 0,5,10,20: each level is its own entry <model>[jitter=L] whose "
+                        "box sides each move by a seeded random -a..a pixels, a = L * image size / 256 (z by the "
+                        "same distance in mm), clipped; level 0 is the plain run (harness.jitter)")
+    p.add_argument("--jitter-seed", type=int, default=0, help="seed of --box-jitter's perturbations (default 0)")
     p.add_argument("--metrics", type=_metrics_arg, default=("dsc", "nsd"), metavar="M1,M2,...",
                    help=_METRICS_HELP + "; stored per case in results.jsonl. A resumed run does not rescore the "
                         "cases already finished: use a new --out to add metrics to a finished run, or "

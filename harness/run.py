@@ -9,7 +9,9 @@ every resumed run. Each runner's entries are stored under their own names (``lit
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,12 @@ class RunConfig:
     process, timing mode in-process; "subprocess" and "docker", one process or container per case,
     timed end to end as the challenge times it; "ray", a Ray cluster). ``runner_options``: settings of
     the runner itself, by runner name (``{"ray": {"workers": 2}}``). ``image``: a docker image tag or a
-    ``team.tar.gz`` submission (docker runner only). ``timeout``: seconds per case for subprocess and
-    docker (None: no limit). ``memory``: the container's memory limit. ``metrics``: the metrics to
-    score (DSC and NSD always; ``hd95``, ``masd`` on request).
+    ``team.tar.gz`` submission (docker runner only). ``timeout``: seconds per case for native (in an
+    isolated worker), subprocess and docker (None: no limit). ``memory``: a size such as ``"4g"``: the
+    docker container's memory limit (None there: 8G, the challenge's), and for native (isolated) and
+    subprocess the address-space limit (``RLIMIT_AS``) of the process that segments (None: no limit).
+    ``isolate``: native runner only, segment in a worker process that a segmenter's ``os._exit``,
+    crash or hang cannot take down (implied by ``timeout`` and ``memory``; :mod:`harness.runners.isolated`).
     ``metrics``: what each case is scored with; ``dsc`` and ``nsd`` always, ``hd95`` and ``masd``
     (:func:`harness.metrics.distance_metrics`) when listed.
     """
@@ -57,7 +62,8 @@ class RunConfig:
     runner_options: dict[str, Any] = field(default_factory=dict)
     image: str | None = None
     timeout: float | None = None
-    memory: str = "8G"
+    memory: str | None = None
+    isolate: bool = False
     retry_errors: bool = False
     progress: bool = True
     metrics: tuple[str, ...] = ("dsc", "nsd")
@@ -191,9 +197,12 @@ class InFlight:
     (a segfault, the kernel's OOM killer) does not block every resumed run.
 
     ``OUT/.inflight/<model>/<case>`` is written before a case starts and removed once its record
-    is stored. A marker found at the next start means that run died inside the case. The first
-    time, the case is simply run again (the user may have pressed Ctrl-C or killed the run); if it
-    is found a second time, the case is recorded as an error and the run moves on.
+    is stored (or given back when the run is interrupted: Ctrl-C, SIGTERM). A marker found at the next
+    start means that run died inside the case. The first time, the case is simply run again; if it is
+    found a second time, the case is recorded as an error and the run moves on. The marker's first line
+    counts the attempts; each further line is the process id, start time (``time.monotonic()``) and name of
+    the process that made one, so that the error can cite the kernel's out-of-memory record of that
+    process where the kernel log is readable (and says nothing about memory otherwise).
     """
 
     def __init__(self, out_dir: Path):
@@ -202,36 +211,72 @@ class InFlight:
     def _marker(self, model: str, case_path: Path) -> Path:
         return self.root / model / case_path.name
 
+    @staticmethod
+    def _read(marker: Path) -> tuple[int, list[str]]:
+        try:
+            lines = marker.read_text().splitlines()
+        except (FileNotFoundError, NotADirectoryError):
+            return 0, []
+        try:
+            return int(lines[0]) if lines else 0, lines[1:]
+        except ValueError:
+            return 0, []
+
+    @staticmethod
+    def _write(marker: Path, attempts: int, deaths: list[str]) -> None:
+        marker.write_text("\n".join([str(attempts), *deaths]) + "\n")
+
     def previous_crash(self, model: str, case_path: Path, runner: str = DEFAULT_RUNNER,
                        timing_mode: str = "in-process") -> dict | None:
         """An error record if this case already died twice, else None."""
-        marker = self._marker(model, case_path)
-        attempts = int(marker.read_text() or 0) if marker.is_file() else 0
+        attempts, deaths = self._read(self._marker(model, case_path))
         if attempts < 2:
             return None
+        evidence = [found for found in map(_oom_evidence, deaths) if found]
+        memory = (f"; the kernel killed it for lack of memory: {evidence[-1]}" if evidence else "")
         return {
             "model": model, "case": case_path.name, "status": "error", "timing_mode": timing_mode,
             "runner": runner, "harness_version": __version__,
             "error": f"{case_path}: the harness process died while segmenting this case, {attempts} times "
-                     "(killed or crashed: a death the harness did not see, such as SIGKILL, the kernel's "
-                     "out-of-memory killer or a segfault); use --retry-errors to try again",
+                     f"(killed or crashed: a death the harness did not see, such as SIGKILL or a segfault){memory}; "
+                     "--isolate (or --timeout / --memory) segments in a worker process whose death is recorded "
+                     "for its case alone; use --retry-errors to try again",
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
 
     def start(self, model: str, case_path: Path) -> None:
         marker = self._marker(model, case_path)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        attempts = int(marker.read_text() or 0) if marker.is_file() else 0
-        marker.write_text(str(attempts + 1))
+        attempts, deaths = self._read(marker)
+        self._write(marker, attempts + 1, [*deaths, f"{os.getpid()}\t{time.monotonic():.3f}\t{_own_name()}"])
 
     def abandon(self, model: str, case_path: Path) -> None:
         """Take back the attempt :meth:`start` counted: the case was interrupted, not killed."""
         marker = self._marker(model, case_path)
-        attempts = int(marker.read_text() or 0) if marker.is_file() else 0
+        attempts, deaths = self._read(marker)
         if attempts > 1:
-            marker.write_text(str(attempts - 1))
+            self._write(marker, attempts - 1, deaths[:-1])
         else:
             marker.unlink(missing_ok=True)
 
     def finish(self, model: str, case_path: Path) -> None:
         self._marker(model, case_path).unlink(missing_ok=True)
+
+
+def _own_name() -> str:
+    try:
+        return Path("/proc/self/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _oom_evidence(death: str) -> str | None:
+    """The kernel's out-of-memory record of the process a marker line names, if the kernel log has one."""
+    from harness.runners.limits import kernel_oom_kill
+
+    parts = death.split("\t")
+    try:
+        pid, since = int(parts[0]), float(parts[1])
+    except (IndexError, ValueError):
+        return None
+    return kernel_oom_kill(pid, parts[2] if len(parts) > 2 and parts[2] else None, since)

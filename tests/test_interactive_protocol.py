@@ -141,3 +141,20 @@ def test_stale_output_is_not_a_previous_step_and_errors_name_the_step(converted,
 
     with pytest.raises(InteractiveStepError, match="step 1: segs has shape"):
         run_interactive_case(converted / "imgs" / name, converted / "gts" / name, wrong_shape, tmp_path / "w2")
+
+
+def test_a_step_that_writes_nothing_rescored_the_previous_output(converted, tmp_path):
+    name = CASES[0]
+    calls = []
+
+    def only_first_step(input_path, outputs_dir):
+        calls.append(1)
+        if len(calls) == 1:
+            return box_click_fill(read_interactive_input(input_path))
+        return None  # later steps write nothing: the step-1 file stays in outputs/
+
+    result = run_interactive_case(converted / "imgs" / name, converted / "gts" / name, only_first_step,
+                                  tmp_path / "work")
+    assert not result.steps[0].stale_output and all(s.stale_output for s in result.steps[1:])
+    assert not any(s.missing_output for s in result.steps)
+    assert len(set(result.dsc_per_step)) == 1  # the evaluator scores the stale file again, and so does this

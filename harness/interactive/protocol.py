@@ -79,7 +79,9 @@ class StepRecord:
     ``step``: 1 (box) to 1 + n_clicks. ``clicks``: the clicks added before this step, one entry per
     class (a dict ``label, kind, z, y, x`` or None for a class already perfect); empty for step 1.
     ``seconds``: the step function's wall time (0 for a skipped step). ``skipped``: step 1 of a case
-    without boxes (scored 0). ``missing_output``: the step left no ``segs`` file (scored as zeros).
+    without boxes (scored 0). ``missing_output``: no ``segs`` file exists after the step (scored as
+    zeros). ``stale_output``: the step did not rewrite the file, so the previous step's output was
+    read and scored again (the outputs folder persists, as in the evaluator).
     """
 
     step: int
@@ -91,6 +93,7 @@ class StepRecord:
     seconds: float
     skipped: bool = False
     missing_output: bool = False
+    stale_output: bool = False
 
 
 @dataclass
@@ -159,6 +162,15 @@ def _read_output(path: Path, case: str, step: int) -> np.ndarray | None:
     if segs.dtype.hasobject:
         raise InteractiveStepError(case, step, f"{path}: 'segs' is a pickled object array")
     return segs
+
+
+def _file_state(path: Path) -> tuple | None:
+    """What tells a rewritten file from an untouched one (None when absent)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _write_output(path: Path, segs: np.ndarray) -> None:
@@ -231,6 +243,7 @@ def run_interactive_case(case_path: str | os.PathLike, gts_path: str | os.PathLi
             write_interactive_input(input_path, source.imgs, source.spacing, boxes=source.boxes,
                                     clicks=clicks_cls, clicks_order=clicks_order, prev_pred=prev_u8)
 
+        before = _file_state(output_path)
         start = time.perf_counter()
         try:
             returned = step_fn(input_path, outputs_dir)
@@ -241,6 +254,7 @@ def run_interactive_case(case_path: str | os.PathLike, gts_path: str | os.PathLi
             _write_output(output_path, np.asarray(returned))
         segs = _read_output(output_path, name, step)
         missing = segs is None
+        stale = not missing and before is not None and _file_state(output_path) == before
         if missing:
             segs = np.zeros(gts.shape, np.uint8)
         if segs.shape != gts.shape:
@@ -251,7 +265,7 @@ def run_interactive_case(case_path: str | os.PathLike, gts_path: str | os.PathLi
         result.steps.append(StepRecord(step=step, clicks=given, dsc=scores.dsc, nsd=scores.nsd,
                                        dsc_per_class=list(scores.dsc_per_class),
                                        nsd_per_class=list(scores.nsd_per_class), seconds=seconds,
-                                       missing_output=missing))
+                                       missing_output=missing, stale_output=stale))
 
     dscs, nsds = result.dsc_per_step, result.nsd_per_step
     result.dsc_auc = auc(dscs, n_clicks)

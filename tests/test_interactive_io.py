@@ -147,3 +147,11 @@ def test_the_package_imports_no_torch():
             "assert 'harness.cli' not in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_oversized_keys_are_refused_before_decompressing(tmp_path, monkeypatch):
+    path = tmp_path / "big.npz"
+    np.savez_compressed(path, imgs=np.zeros((64, 64, 64), np.uint8), spacing=np.ones(3))
+    monkeypatch.setenv("HARNESS_MAX_CASE_GB", str(100_000 / 1e9))  # 100 kB: imgs takes 262 kB
+    with pytest.raises(CaseError, match=r"'imgs' would take \d+ bytes decompressed, over the limit of 100000 bytes"):
+        read_interactive_input(path)

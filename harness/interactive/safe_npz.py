@@ -17,7 +17,8 @@ only ``dict``, ``list``, ``tuple``, ``int``, ``float``, ``str``, ``bool``, ``Non
 numeric scalars and arrays, and refuses every other global the pickle names (``os.system``,
 ``builtins.eval``, ...) with a :class:`~harness.cases.CaseError` naming the file, the key and the
 refused global, before anything is called. Plain keys (``imgs``, ``spacing``, ``prev_pred``) are
-read with ``allow_pickle=False``.
+read with ``allow_pickle=False``. A key whose decompressed size exceeds the case-size limit
+(:func:`harness.cases.max_case_bytes`) is refused before it is decompressed.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from harness.atomic import atomic_writer
-from harness.cases import CaseError
+from harness.cases import MAX_CASE_ENV, CaseError, max_case_bytes
 
 __all__ = [
     "BOX_KEYS",
@@ -121,8 +122,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refused persistent id")
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 10**7 else f"{n_bytes} bytes"
+
+
 def _read_member(path: Path, zf: zipfile.ZipFile, key: str) -> np.ndarray:
     member = f"{key}.npy"
+    size, limit = zf.getinfo(member).file_size, max_case_bytes()
+    if size > limit:  # the zip directory's uncompressed size, known before anything is decompressed
+        raise CaseError(path, f"key '{key}' would take {_size(size)} decompressed, over the limit of "
+                              f"{_size(limit)} (--max-case-gb / {MAX_CASE_ENV})")
     with zf.open(member) as fh:
         version = np.lib.format.read_magic(fh)
         if version == (1, 0):

@@ -12,8 +12,8 @@ the upstream scripts (bowang-lab/MedSAM@LiteMedSAM ``CVPR24_LiteMedSAM_infer.py`
 Sizes and boxes follow the upstream arithmetic exactly (``int(x + 0.5)`` letterbox size,
 ``int(b * P / max(H, W))`` box truncation).  The uint8 bilinear resize is torch's CPU kernel
 reproduced bit for bit (a horizontal then a vertical pass, each with integer weights and
-round-half-up); the float logit resizes use OpenCV's bilinear (the same half-pixel sampling as
-``F.interpolate(..., align_corners=False)``, equal up to float rounding).
+round-half-up); the float logit resizes are torch's float bilinear (``align_corners=False``) in
+numpy, equal to it up to the last float bit.
 """
 from __future__ import annotations
 
@@ -202,10 +202,29 @@ def letterbox_mask_bbox(mask: np.ndarray, size: int, shift: int = 3) -> Optional
                     dtype=np.int64)
 
 
+@lru_cache(maxsize=64)
+def _linear_taps(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Taps of torch's CPU float bilinear (align_corners=False) along one axis, as it computes them:
+    ``scale = float32(in) / out``, source ``max(scale * (i + 0.5) - 0.5, 0)`` rounded once to float32
+    (a fused multiply-add), ``l1 = src - floor(src)``, ``l0 = 1 - l1``, in float32."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = (np.float64(scale) * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))
+    lo = src.astype(np.int64)
+    l1 = (src - lo.astype(np.float32)).astype(np.float32)
+    return lo, np.minimum(lo + 1, in_size - 1), (np.float32(1) - l1).astype(np.float32), l1
+
+
 def _resize_linear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """``F.interpolate(x, (out_h, out_w), mode="bilinear", align_corners=False)`` on a float32 (H, W)
+    array: the same taps and weights, equal up to the last float bit (OpenCV's bilinear computes its
+    source positions in lower precision, off by up to 5e-4 on large images)."""
     if x.shape == (out_h, out_w):
         return x
-    return cv2.resize(x, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    lo, hi, l0, l1 = _linear_taps(x.shape[1], out_w)
+    rows = x[:, lo] * l0 + x[:, hi] * l1
+    lo, hi, l0, l1 = _linear_taps(x.shape[0], out_h)
+    return rows[lo] * l0[:, None] + rows[hi] * l1[:, None]
 
 
 def postprocess_logits(low_res: np.ndarray, new_size: Tuple[int, int], original_size: Tuple[int, int],
@@ -231,21 +250,16 @@ def postprocess_logits(low_res: np.ndarray, new_size: Tuple[int, int], original_
     return _resize_linear(np.ascontiguousarray(x), out_h, out_w)
 
 
-# The smallest positive float32 logits round to sigmoid == 0.5 exactly (below about 3e-8); they are
-# evaluated literally, only where it can matter.
-_SIGMOID_EDGE = np.float32(1e-6)
+# torch's float32 sigmoid rounds to exactly 0.5 for every logit up to this one (1.5 * 2**-24 less one ulp)
+# and is above 0.5 from the next float32 on, so ``sigmoid(x) > 0.5`` is ``x > _SIGMOID_HALF``.
+_SIGMOID_HALF = np.float32(8.940697e-08)
 
 
 def logits_to_mask(logits: np.ndarray, threshold: str) -> np.ndarray:
-    """Boolean mask: ``"sigmoid"`` is LiteMedSAM's float32 ``sigmoid(x) > 0.5``; ``"logit"`` is ``x > 0``."""
+    """Boolean mask: ``"sigmoid"`` is LiteMedSAM's float32 ``torch.sigmoid(x) > 0.5`` (evaluated literally,
+    so positive logits below 9e-8, whose sigmoid rounds to 0.5, stay background); ``"logit"`` is ``x > 0``."""
     if threshold == "logit":
         return logits > 0
-    if threshold != "sigmoid":
-        raise ValueError(f"unknown threshold mode {threshold!r}")
-    mask = logits > 0
-    edge = mask & (logits < _SIGMOID_EDGE)
-    if edge.any():
-        x = logits[edge].astype(np.float32)
-        one = np.float32(1)
-        mask[edge] = one / (one + np.exp(-x)) > np.float32(0.5)
-    return mask
+    if threshold == "sigmoid":
+        return logits > _SIGMOID_HALF
+    raise ValueError(f"unknown threshold mode {threshold!r}")

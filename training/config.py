@@ -70,6 +70,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 10_000
     keep_checkpoints: int = 3
+    fit_memory: bool = True  # on a CPU, lower the batch (raising grad_accum) when a step would not fit (training/memory.py)
 
     def __post_init__(self) -> None:
         choices = {"task": ("distill", "finetune"), "model": ("l0", "l1", "l2"),

@@ -1,0 +1,114 @@
+"""training.memory: the batch is fitted to the machine's memory before the first step (issue 17, item 6)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch import nn
+
+from training.config import TrainConfig, preset
+from training.memory import (HEADROOM, PREFETCH, WORKER_MB, MemoryFitError, StepMemory, choose_batch,
+                             fit_to_memory, measure_step)
+
+
+def _need(peak=1000.0, per_item=500.0, optimizer=100.0, item=10.0, workers=0) -> StepMemory:
+    return StepMemory(peak_batch1_mb=peak, per_item_mb=per_item, optimizer_mb=optimizer, item_data_mb=item,
+                      workers=workers)
+
+
+def test_need_adds_step_optimizer_workers_and_batches_in_flight():
+    need = _need(workers=2)
+    # batch 4: step 1000 + 3 x 500, optimiser 100, two workers, 2 workers x PREFETCH x 4 items x 10 MB
+    assert need.need_mb(4) == pytest.approx(1000 + 1500 + 100 + 2 * WORKER_MB + 2 * PREFETCH * 4 * 10)
+
+
+def test_a_batch_that_fits_is_kept():
+    cfg = TrainConfig(batch_size=8, grad_accum=1)
+    free = _need(workers=0).need_mb(8) / (1 - HEADROOM) + 1
+    assert choose_batch(cfg, _need(workers=0), free) is cfg
+
+
+def test_a_batch_that_does_not_fit_is_split_keeping_the_effective_batch():
+    cfg = TrainConfig(batch_size=32, grad_accum=1)
+    need = _need(workers=0)  # need(b) = 600 + 500 b
+    free = need.need_mb(6) / (1 - HEADROOM)  # room for 6 items: the largest divisor of 32 that fits is 4
+    fitted = choose_batch(cfg, need, free)
+    assert (fitted.batch_size, fitted.grad_accum) == (4, 8)
+    assert fitted.batch_size * fitted.grad_accum == 32
+    assert fitted.lr == cfg.lr and fitted.steps == cfg.steps
+
+
+def test_accumulation_already_configured_is_kept_in_the_effective_batch():
+    cfg = TrainConfig(batch_size=6, grad_accum=2)  # effective 12
+    need = _need(workers=0)
+    fitted = choose_batch(cfg, need, need.need_mb(3) / (1 - HEADROOM))
+    assert (fitted.batch_size, fitted.grad_accum) == (3, 4)
+
+
+def test_not_even_batch_one_fits_names_the_figures_and_flags():
+    cfg = TrainConfig(batch_size=4, num_workers=2)
+    need = _need(workers=2)
+    with pytest.raises(MemoryFitError) as err:
+        choose_batch(cfg, need, need.need_mb(1) / 2)
+    text = str(err.value)
+    assert f"{need.need_mb(1):,.0f} MB" in text and "num_workers=0" in text and "fit_memory=false" in text
+
+
+class _ConvTask:
+    """A task whose activations grow with the batch: a 3x3 conv stack on 3 x 256 x 256 images."""
+
+    def __init__(self, items: int = 4):
+        gen = torch.Generator().manual_seed(0)
+        self.dataset = [{"image": torch.rand(3, 256, 256, generator=gen)} for _ in range(items)]
+        self.module = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+
+    def loss(self, module, batch):
+        return {"loss": module(batch["image"]).square().mean()}
+
+
+def _collate(items):
+    return {"image": torch.stack([i["image"] for i in items])}
+
+
+def _autocast(device, enabled):
+    return nullcontext()
+
+
+def test_the_probe_measures_memory_per_item_and_leaves_no_gradients():
+    task = _ConvTask()
+    before = [p.detach().clone() for p in task.module.parameters()]
+    need = measure_step(task, task.module, torch.device("cpu"), False, 0, _collate, lambda b, d: b, _autocast)
+    # each item carries two 32 x 256 x 256 float32 activations (8 MB each) kept for backward
+    assert need.per_item_mb > 8
+    assert need.item_data_mb == pytest.approx(3 * 256 * 256 * 4 / 2**20)
+    params = sum(p.numel() for p in task.module.parameters())
+    assert need.optimizer_mb == pytest.approx(2 * params * 4 / 2**20)
+    assert all(p.grad is None for p in task.module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, task.module.parameters()))
+
+
+def test_fit_to_memory_lowers_the_batch_and_says_so():
+    task = _ConvTask()
+    cfg = TrainConfig(batch_size=4, grad_accum=1, num_workers=0)
+    need = measure_step(task, task.module, torch.device("cpu"), False, 0, _collate, lambda b, d: b, _autocast)
+    free = need.need_mb(2) / (1 - HEADROOM) + need.per_item_mb / 2  # room for 2 items, not 4
+    said = []
+    fitted = fit_to_memory(cfg, task, task.module, torch.device("cpu"), False, _collate, lambda b, d: b,
+                           _autocast, log=said.append, free_mb=free, local_processes=1)
+    assert (fitted.batch_size, fitted.grad_accum) == (2, 2)
+    assert "batch 2 x grad_accum 2" in said[0]
+
+
+def test_fit_memory_false_and_cuda_devices_keep_the_configuration():
+    task = _ConvTask()
+    cfg = TrainConfig(batch_size=4, fit_memory=False)
+    assert fit_to_memory(cfg, task, task.module, torch.device("cpu"), False, _collate, lambda b, d: b,
+                         _autocast, free_mb=1.0) is cfg
+    cfg = TrainConfig(batch_size=4)
+    assert fit_to_memory(cfg, task, task.module, torch.device("meta"), False, _collate, lambda b, d: b,
+                         _autocast, free_mb=1.0) is cfg
+
+
+def test_presets_fit_memory_by_default():
+    assert preset("finetune_l0").fit_memory and preset("distill_l0").fit_memory

@@ -352,6 +352,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from harness.container.model_image import build_image, image_parts
 
     out = Path(args.output).expanduser()
+    if args.team and args.team.strip().lower() != team_from_archive(out):
+        # The organisers' script reads the team from the file name; a mismatch fails every case there.
+        print(f"harness export: --team {args.team!r} differs from the team the challenge reads from the archive "
+              f"name {out.name!r} ({team_from_archive(out)!r}, the part before the first '.'); name the file "
+              f"{args.team.strip().lower()}.tar.gz, or leave --team out", file=sys.stderr)
+        return 2
     team = (args.team or team_from_archive(out)).lower()
     weights = _image_weights(args, "export")
     try:
@@ -389,7 +395,8 @@ def _add_image_parsers(sub) -> None:
     p.add_argument("--model", required=True, help="segmenter name")
     p.add_argument("-o", "--output", required=True, metavar="TEAM.tar.gz",
                    help="archive to write; the challenge reads the team name from it (before the first '.')")
-    p.add_argument("--team", help="team name, lowercased (default: the output file name before the first '.')")
+    p.add_argument("--team", help="team name, lowercased (default: the output file name before the first '.'); "
+                                  "must agree with the file name, which is where the challenge reads it (exit 2 if not)")
     p.add_argument("--tag", help="tag of the model image (default medsam-harness/<model>:<version>)")
     p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH", help=weights_help)
     p.set_defaults(func=cmd_export)

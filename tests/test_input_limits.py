@@ -311,9 +311,26 @@ def test_cli_flag_sets_the_limit(tmp_path):
     assert bad.returncode == 2 and "--max-case-gb" in bad.stderr
 
 
-def test_modules_keep_their_limit_for_the_whole_case(tmp_path):
+def test_an_explicit_max_bytes_overrides_the_setting(tmp_path):
     """load_case, load_ground_truth and load_segs all honour an explicit max_bytes over the setting."""
     path = case_2d(tmp_path / "2DBox_US_a.npz")
     set_max_case_gb(1e-6)
     assert load_case(path, max_bytes=10**6).n_boxes == 1
     assert cases_module.max_case_bytes() == 1000
+
+
+def test_predict_refuses_oversized_cases_and_reports_dangling_links(tmp_path, capsys):
+    from harness.predict import predict
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    case_2d(inputs / "2DBox_US_ok.npz")
+    np.savez_compressed(inputs / "2DBox_US_bomb.npz", imgs=np.zeros((2048, 2048, 3), np.uint8),
+                        boxes=np.array([[1, 1, 9, 9]]))
+    (inputs / "2DBox_US_gone.npz").symlink_to(tmp_path / "gone.npz")
+    report = predict("boxfill", inputs, tmp_path / "out", max_case_gb=0.001, log=lambda *a: None)
+    assert report.written == ["2DBox_US_ok.npz"]
+    assert "over the 1000000 bytes limit" in report.failed["2DBox_US_bomb.npz"]
+    assert report.failed["2DBox_US_gone.npz"].startswith(f"while loading the case: {inputs / '2DBox_US_gone.npz'}: "
+                                                         "dangling symbolic link")
+    assert "harness predict: error" in capsys.readouterr().err

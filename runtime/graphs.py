@@ -10,7 +10,8 @@ holds two OpenVINO IR graphs and a ``manifest.json``:
 
 They are compiled for ``"CPU"`` as the harness compiles them: an explicit f32 inference precision
 (OpenVINO's CPU plugin otherwise defaults to bf16 on CPUs with AMX / AVX512-BF16), the latency hint
-and a fixed thread count.  An infer request reuses its output buffers at the next ``infer()``, so
+and, when given, a thread count (without one, the latency hint picks the threads; a compiled-model cache
+made without one then serves any thread count, whereas a given count is part of the cache's key).  An infer request reuses its output buffers at the next ``infer()``, so
 outputs are copied before they are handed out.  After compiling, the resident pages of the memory-mapped
 ``.bin`` are given back (:func:`release_mapped_pages`): the CPU plugin has repacked the weights into its
 own buffers, and without this the resident set counts them twice.
@@ -24,21 +25,13 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["Graphs", "GraphError", "default_threads", "release_mapped_pages", "find_graph_folder"]
+__all__ = ["Graphs", "GraphError", "release_mapped_pages", "find_graph_folder"]
 
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 
 
 class GraphError(RuntimeError):
     """An export folder that cannot be used, with the file and the problem in the message."""
-
-
-def default_threads() -> int:
-    """CPUs this process may use (its affinity mask)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 _MADV_DONTNEED = 4  # linux/mman.h
@@ -88,16 +81,17 @@ def find_graph_folder(path: str | os.PathLike) -> Path:
 
 
 class _Graph:
-    def __init__(self, core, path: Path, threads: int, cache_dir: Optional[Path]):
+    def __init__(self, core, path: Path, threads: Optional[int], cache_dir: Optional[Path]):
         import openvino.properties as props
         import openvino.properties.hint as hints
         from openvino import Type
 
         config = {
-            props.inference_num_threads: int(threads),
             hints.inference_precision: Type.f32,
             hints.performance_mode: hints.PerformanceMode.LATENCY,
         }
+        if threads is not None:
+            config[props.inference_num_threads] = int(threads)
         if cache_dir is not None:
             config[props.cache_dir] = str(cache_dir)
         if not path.with_suffix(".bin").is_file():
@@ -120,9 +114,11 @@ class _Graph:
 class Graphs:
     """The compiled encoder and box decoder of one export folder.
 
-    ``threads``: OpenVINO's inference threads (default: the CPUs this process may use).
-    ``cache_dir``: an OpenVINO compiled-model cache folder (``CACHE_DIR``): compiled blobs are read from
-    it, and written to it when absent, so give a writable folder or a complete read-only one.
+    ``threads``: OpenVINO's inference threads (default None: the latency hint's choice, the physical
+    cores; :attr:`threads` then reports what it picked).
+    ``cache_dir``: an OpenVINO compiled-model cache folder (``CACHE_DIR``): a compiled blob is read from
+    it when one matches (same graph, configuration and CPU), else the graph is compiled and the blob
+    written there; where the folder is read-only the write fails quietly and the run goes on.
     """
 
     def __init__(self, folder: str | os.PathLike, threads: Optional[int] = None,
@@ -130,14 +126,16 @@ class Graphs:
         import openvino as ov
 
         self.folder = find_graph_folder(folder)
-        self.threads = int(threads or default_threads())
-        if self.threads < 1:
+        if threads is not None and int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.manifest = read_manifest(self.folder)
         core = ov.Core()
         cache = Path(cache_dir) if cache_dir else None
-        self.encoder = _Graph(core, self.folder / "encoder.xml", self.threads, cache)
-        self.decoder = _Graph(core, self.folder / "decoder.xml", self.threads, cache)
+        self.encoder = _Graph(core, self.folder / "encoder.xml", threads, cache)
+        self.decoder = _Graph(core, self.folder / "decoder.xml", threads, cache)
+        import openvino.properties as props
+
+        self.threads = int(self.encoder.compiled.get_property(props.inference_num_threads))
         shape = self.encoder.compiled.inputs[0].get_partial_shape()
         try:
             dims = [int(d.get_length()) for d in shape]

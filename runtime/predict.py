@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", default=None,
                         help="pipeline preset, built-in model name or JSON file (default: GRAPHS/pipeline.json, "
                              "else the model named by the manifest)")
-    parser.add_argument("--threads", type=int, default=None, help="inference threads (default: the CPUs this process may use)")
+    parser.add_argument("--threads", type=int, default=None, help="inference threads (default: OpenVINO's latency hint picks them, the physical cores)")
     parser.add_argument("--cache-mb", type=float, default=1024.0,
                         help="budget of a 3D case's slice-embedding cache in MiB (default 1024)")
     parser.add_argument("--compile-cache", type=Path, default=os.environ.get("MEDSAM_RUNTIME_COMPILE_CACHE") or None,

@@ -158,3 +158,18 @@ def test_a_step_that_writes_nothing_rescored_the_previous_output(converted, tmp_
     assert not result.steps[0].stale_output and all(s.stale_output for s in result.steps[1:])
     assert not any(s.missing_output for s in result.steps)
     assert len(set(result.dsc_per_step)) == 1  # the evaluator scores the stale file again, and so does this
+
+
+def test_ground_truth_in_the_case_file_never_reaches_the_segmenter(converted, tmp_path):
+    name = CASES[0]
+    case = read_interactive_input(converted / "imgs" / name)
+    gts = np.load(converted / "gts" / name)["gts"]
+    leaky = tmp_path / name
+    np.savez_compressed(leaky, imgs=case.imgs, spacing=np.asarray(case.spacing), gts=gts,
+                        boxes=np.array(case.boxes, dtype=object))
+    step = Recorder()
+    result = run_interactive_case(leaky, converted / "gts" / name, step, tmp_path / "work", n_clicks=1)
+    assert [keys for keys, _ in step.inputs] == [["boxes", "imgs", "spacing"],
+                                                 ["boxes", "clicks", "clicks_order", "imgs", "prev_pred", "spacing"]]
+    assert step.inputs[0][1].boxes == case.boxes
+    assert len(result.steps) == 2 and math.isnan(result.dsc_auc)  # one click step: no area

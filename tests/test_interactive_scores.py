@@ -58,3 +58,8 @@ def test_errors():
         step_scores(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), (1, 1, 1))
     with pytest.raises(ValueError, match="shape"):
         step_scores(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)), (1, 1, 1))
+
+
+def test_auc_needs_two_click_steps():
+    assert math.isnan(auc([0.5, 0.6, 0.7], n_clicks=0)) and math.isnan(auc([0.5, 0.6], n_clicks=1))
+    assert auc([0.5, 0.6, 0.7], n_clicks=2) == pytest.approx(0.65)

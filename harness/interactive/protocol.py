@@ -7,8 +7,9 @@ JunMa11/CVPR-MedSegFMCompetition, ``CVPR25_iter_eval.py``) does around its conta
   evaluator mounts as ``/workspace/inputs`` and ``/workspace/outputs``); the outputs folder persists
   across the steps of the case; a stale ``outputs/<name>.npz`` from an interrupted earlier attempt is
   removed first, so a case always runs from step 1;
-* step 1: the input is a copy of the case file (``imgs``, ``spacing``, ``boxes``); a case without
-  ``boxes`` skips step 1, which is scored DSC 0, NSD 0, time 0;
+* step 1: the input is a copy of the case file (``imgs``, ``spacing``, ``boxes``; a file with other
+  keys, such as ``gts``, is rewritten with those three only); a case without ``boxes`` skips step 1,
+  which is scored DSC 0, NSD 0, time 0;
 * before each of steps 2..6, the previous output's ``segs`` (cast to uint8; zeros when there is none)
   gets one simulated click per class (:mod:`harness.interactive.clicks`), and the input file is
   rewritten with ``imgs``, ``spacing``, the accumulated ``clicks`` (``{"fg": [[z, y, x], ...],
@@ -208,7 +209,12 @@ def run_interactive_case(case_path: str | os.PathLike, gts_path: str | os.PathLi
     outputs_dir.mkdir(parents=True, exist_ok=True)
     input_path, output_path = inputs_dir / name, outputs_dir / name
     output_path.unlink(missing_ok=True)  # a stale output of an interrupted attempt is never a "previous step"
-    shutil.copyfile(case_path, input_path)
+    with np.load(case_path) as npz:
+        extra = set(npz.files) - {"imgs", "spacing", "boxes"}
+    if extra:  # never hand a segmenter anything else (a gts key of a training-style file above all)
+        write_interactive_input(input_path, source.imgs, source.spacing, boxes=source.boxes)
+    else:
+        shutil.copyfile(case_path, input_path)  # step 1 gets the case file itself, as the evaluator copies it
 
     labels = click_classes(gts)
     result = InteractiveResult(case=name, labels=labels, n_clicks=n_clicks, had_boxes=source.boxes is not None)

@@ -87,8 +87,10 @@ def auc(values: Sequence[float], n_clicks: int = 5) -> float:
     """Area under the last ``n_clicks`` values with x = 0, 1, ..., n_clicks - 1 (trapezoids).
 
     With the default 5 this is the evaluator's ``DSC_AUC`` / ``NSD_AUC``. NaN when fewer than two
-    values are given (no area).
+    values are given or ``n_clicks < 2`` (no area).
     """
+    if n_clicks < 2:
+        return math.nan
     tail = np.asarray(list(values), dtype=np.float64)[-n_clicks:]
     if tail.size < 2:
         return math.nan

@@ -756,7 +756,8 @@ def distance_metrics(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] |
     Conventions as :func:`case_metrics`: labels are ``1..gt.max()``; labels of ``seg`` above
     ``gt.max()`` are ignored; 2D arrays are scored in pixels (spacing ``(1, 1)``, whatever
     ``spacing`` says, as the challenge scores 2D cases); 3D arrays need ``spacing`` (mm per array
-    axis).  ``metrics``: any of ``"hd95"``, ``"masd"``.
+    axis); a ``gt`` label above :data:`MAX_LABEL` is a ValueError.  ``metrics``: any of ``"hd95"``,
+    ``"masd"``.
 
     Definitions (those of MONAI's ``compute_hausdorff_distance(..., percentile=95, spacing=...)``
     and ``compute_average_surface_distance(..., symmetric=True, spacing=...)``), per label, with

@@ -319,7 +319,8 @@ def _stderr(message: str) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     from harness.container.client import EngineUnavailable, connect
     from harness.container.common import ImageBuildError
-    from harness.container.model_image import build_image, image_parts
+    from harness.container.model_image import image_parts
+    from harness.container.slim_image import build_model_image
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
@@ -335,8 +336,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     failed = 0
     for model in models:
         try:
-            info = build_image(model, tag=args.tag, weights=weights.get(model), client=client, log=_stderr,
-                               extra_weights=image_parts(model, weights))
+            info = build_model_image(args.runtime, model, tag=args.tag, weights=weights.get(model), client=client,
+                                     log=_stderr, extra_weights=image_parts(model, weights))
         except (ImageBuildError, ValueError, FileNotFoundError, UnknownSegmenterError) as exc:
             print(f"harness build: {model}: {exc}", file=sys.stderr)
             failed += 1
@@ -349,7 +350,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from harness.container.client import EngineUnavailable, connect
     from harness.container.archives import export_image, team_from_archive
     from harness.container.common import ImageBuildError
-    from harness.container.model_image import build_image, image_parts
+    from harness.container.model_image import image_parts
+    from harness.container.slim_image import build_model_image
 
     out = Path(args.output).expanduser()
     if args.team and args.team.strip().lower() != team_from_archive(out):
@@ -366,8 +368,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"harness export: {exc}", file=sys.stderr)
         return 2
     try:
-        info = build_image(args.model, tag=args.tag, weights=weights.get(args.model), client=client, log=_stderr,
-                           extra_weights=image_parts(args.model, weights))
+        info = build_model_image(args.runtime, args.model, tag=args.tag, weights=weights.get(args.model),
+                                 client=client, log=_stderr, extra_weights=image_parts(args.model, weights))
         export_image(client, info.tag, out, team, log=_stderr)
     except (ImageBuildError, ValueError) as exc:
         print(f"harness export: {exc}", file=sys.stderr)
@@ -378,15 +380,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_image_parsers(sub) -> None:
     weights_help = ("weights file per model, e.g. --weights l0=l0.ckpt (default: what `harness run` uses: the "
-                    "bundled weights or $HARNESS_WEIGHTS_DIR); baked into the image under /opt/weights")
+                    "bundled weights or $HARNESS_WEIGHTS_DIR); baked into a full image under /opt/weights (a slim "
+                    "image holds the graphs exported from them)")
+    runtime_help = ("slim: the torch-free runtime on the model's exported OpenVINO graphs (numpy, OpenCV, "
+                    "OpenVINO; tag <model>:<version>-slim); full: torch and the whole harness running `harness "
+                    "predict`; auto (default): slim for the models that run on exported graphs, else full")
     p = sub.add_parser("build", help="build challenge-style Docker images of segmenters (one per model)",
-                       description="Build one image per model: Debian bookworm, CPU torch, the harness in "
-                                   "/opt/venv, the weights in /opt/weights, /workspace/predict.sh running "
-                                   "`harness predict`, a non-root user. Needs a Docker engine "
+                       description="Build one image per model on Debian bookworm with a non-root user and "
+                                   "/workspace/predict.sh. Slim (--runtime slim, the default for models that "
+                                   "run on exported OpenVINO graphs): numpy, OpenCV, OpenVINO and the torch-free "
+                                   "runtime with the graphs in /opt/graphs. Full (--runtime full): CPU torch and "
+                                   "the harness in /opt/venv, the weights in /opt/weights, `harness predict`. "
+                                   "Needs a Docker engine "
                                    "(scripts/dockerd-local.sh start) and mmdebstrap for the first base image.")
     p.add_argument("--models", required=True, help="comma-separated segmenter names (see `harness plugins`)")
     p.add_argument("--tag", help="image tag (one model only; default medsam-harness/<model>:<version>)")
     p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH", help=weights_help)
+    p.add_argument("--runtime", choices=("auto", "slim", "full"), default="auto", help=runtime_help)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("export", help="save a model's image as <team>:latest in a team.tar.gz for the challenge",
@@ -399,6 +409,7 @@ def _add_image_parsers(sub) -> None:
                                   "must agree with the file name, which is where the challenge reads it (exit 2 if not)")
     p.add_argument("--tag", help="tag of the model image (default medsam-harness/<model>:<version>)")
     p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH", help=weights_help)
+    p.add_argument("--runtime", choices=("auto", "slim", "full"), default="auto", help=runtime_help)
     p.set_defaults(func=cmd_export)
 
 

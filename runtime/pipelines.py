@@ -118,10 +118,12 @@ LITEMEDSAM_SRC_INFER = MEDFICIENTSAM_SRC_INFER.with_options(name="litemedsam_src
 MEDSAM_MFS = MEDFICIENTSAM_SRC_INFER.with_options(name="medsam_mfs", input_size=1024, prompt_size=1024)
 # A distilled medficientsam encoder with MedSAM's prompt encoder and mask decoder (prompt frame 1024)
 MEDFICIENTSAM_DISTILLED = MEDFICIENTSAM_SRC_INFER.with_options(name="medficientsam_distilled_p1024", prompt_size=1024)
+# ... or with LiteMedSAM's (prompt frame 256)
+MEDFICIENTSAM_DISTILLED_LITE = MEDFICIENTSAM_SRC_INFER.with_options(name="medficientsam_distilled_p256", prompt_size=256)
 
 PRESETS: Dict[str, Pipeline] = {
     p.name: p for p in (LITEMEDSAM_CVPR24, LITEMEDSAM_SRC_INFER, MEDFICIENTSAM_DOCKER, MEDFICIENTSAM_SRC_INFER,
-                        MEDSAM_MFS, MEDFICIENTSAM_DISTILLED)
+                        MEDSAM_MFS, MEDFICIENTSAM_DISTILLED, MEDFICIENTSAM_DISTILLED_LITE)
 }
 
 # The preset each built-in segmenter of the harness runs.

@@ -271,17 +271,33 @@ def build_slim_image(model: str, tag: str | None = None, weights: Path | None = 
         log(f"{model}: building {tag} (slim) from {runtime} with the graphs of {export}")
         image_id = stream_build(client, context, build_tag, log, f"the slim {model} image")
     if compile_cache:
-        attrs = client.images.get(image_id).attrs["Config"]
-        conf = {"Cmd": attrs.get("Cmd"), "User": USER, "WorkingDir": WORKSPACE, "Env": attrs.get("Env"),
-                "Labels": attrs.get("Labels")}
-        script = COMPILE_SCRIPT.format(venv=VENV, graphs=GRAPHS_DIR, cache=COMPILE_CACHE_DIR)
-        log(f"{model}: compiling the graphs once into {COMPILE_CACHE_DIR}")
-        image_id = run_and_commit(client, build_tag, script, {}, tag, conf, log, f"the slim {model} image's compile cache")
+        made_from = f"{LABEL}compiled-from"
+        current = _labels(client, tag)
+        if current.get(made_from) == image_id:  # the same graphs on the same runtime: already compiled
+            image_id = client.images.get(tag).id
+            log(f"{model}: {tag} already holds the compile cache of these graphs")
+        else:
+            attrs = client.images.get(image_id).attrs["Config"]
+            conf = {"Cmd": attrs.get("Cmd"), "User": USER, "WorkingDir": WORKSPACE, "Env": attrs.get("Env"),
+                    "Labels": {**(attrs.get("Labels") or {}), made_from: image_id}}
+            script = COMPILE_SCRIPT.format(venv=VENV, graphs=GRAPHS_DIR, cache=COMPILE_CACHE_DIR)
+            log(f"{model}: compiling the graphs once into {COMPILE_CACHE_DIR}")
+            image_id = run_and_commit(client, build_tag, script, {}, tag, conf, log,
+                                      f"the slim {model} image's compile cache")
         client.images.remove(build_tag, noprune=True)
     size = int(client.images.get(image_id).attrs.get("Size", 0))
     log(f"{model}: {tag}  {mb(size)}  ({time.monotonic() - started:.0f} s)")
     prune_untagged(client, log)
     return ImageInfo(tag=tag, id=image_id, size_bytes=size, model=model)
+
+
+def _labels(client, tag: str) -> dict:
+    from docker.errors import ImageNotFound
+
+    try:
+        return dict(client.images.get(tag).attrs.get("Config", {}).get("Labels") or {})
+    except ImageNotFound:
+        return {}
 
 
 def build_model_image(runtime: str, model: str, tag: str | None = None, weights: Path | None = None, client=None,

@@ -356,3 +356,30 @@ def test_allocation_past_the_limit_in_the_worker_names_the_limit(tmp_path, runaw
     finally:
         session.close()
     assert _gone(pid, timeout=5)
+
+
+def test_sigterm_during_an_isolated_case_stops_cleanly_and_ends_the_worker(tmp_path, runaway_env):
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "imgs").mkdir(parents=True)
+    shutil.copy(DEMO / "imgs" / "3DBox_MR_sts012.npz", data / "imgs" / "3DBox_MR_sts012.npz")  # it hangs
+    marker = out / ".inflight" / "runaway" / "3DBox_MR_sts012.npz"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--models", "runaway", "--isolate", "--data",
+                             str(data), "--out", str(out), "--no-progress", "--bootstrap", "20"], env=runaway_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        workers = _descendants(proc.pid, "harness.runners.worker")
+        deadline = time.monotonic() + 60
+        while not marker.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert workers and marker.is_file(), "the case never started"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM); finished cases are kept" in err
+    assert not marker.exists()  # an interrupt, not a crash: the rerun segments the case as usual
+    assert all(_gone(pid, timeout=5) for pid in workers)

@@ -19,6 +19,8 @@ among the installed plugins (entry points, ``HARNESS_LOAD_PLUGINS``) and loads i
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -95,16 +97,26 @@ class IsolatedWorker:
             vm_peak = peak.stop() if peak else None
             peak = None
             raise WorkerLoadError(self._death("while loading the model", vm_peak)) from None
+        except BaseException:  # Ctrl-C or SIGTERM while it loads
+            self.kill()
+            raise
         finally:
             if peak:
                 peak.stop()
         if reply[0] != "ready":
             self.close()
-            raise WorkerLoadError(f"{reply[1]} (in the isolated worker)")
+            raise WorkerLoadError(reply[1])
         self.described = reply[1]
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        """Whether the worker still runs; an exited one is left unreaped, so that :meth:`kill` can still
+        reach its process group (what the segmenter started) by its id."""
+        if self.proc.returncode is not None:
+            return False
+        try:
+            return os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:
+            return self.proc.poll() is None
 
     def segment(self, case, case_path: Path) -> Segmented:
         """The case segmented in the worker, or :class:`CaseRunError` naming the case file and what ended it
@@ -140,11 +152,11 @@ class IsolatedWorker:
 
     def _death(self, doing: str, vm_peak: int | None) -> str:
         """Why the worker is gone, after it died: its exit, and memory only with evidence."""
-        try:
-            code = self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # the socket broke but the process lives on: end it
-            self.kill()
-            code = self.proc.returncode
+        deadline = time.monotonic() + 10
+        while self.alive() and time.monotonic() < deadline:  # the socket closed as it exits
+            time.sleep(0.01)
+        self.kill()  # its process group's leftovers too; a worker that closed the socket but lives on ends here
+        code = self.proc.returncode
         text = f"the segmenter's worker {exit_text(code)} {doing}"
         if self.limits.reached_memory(vm_peak):
             text += f"; its address space had reached {self.limits.memory_label}"
@@ -155,10 +167,11 @@ class IsolatedWorker:
         return text + ("; the next case runs in a fresh worker" if "segmenting" in doing else "")
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        """SIGKILL the worker and its process group (whatever the segmenter started), then reap it."""
+        if self.proc.returncode is None:  # not reaped yet: its id is still its own
             try:
-                self.proc.kill()
-            except ProcessLookupError:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
         self.proc.wait()
         self.conn.close()

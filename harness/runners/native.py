@@ -99,7 +99,8 @@ class NativeRunner(Runner):
     timing_mode = TIMING_MODE
     label = "in-process"
     order = 0
-    description = "in this process; a case's time is its segmentation (the model loaded once)"
+    description = ("in this process, or in an isolated worker process with --isolate, --timeout or --memory; a "
+                   "case's time is its segmentation (the model loaded once)")
 
     def check(self, config) -> None:
         Limits.of(config)  # a bad --timeout or --memory stops the run before any work

@@ -121,9 +121,9 @@ def _run_all_faults(tmp_path, env, runner: str, timeout: int) -> None:
         assert expected_error(what, runner, timeout) in rec["error"], rec["error"]
         assert str(DEMO / "imgs" / case) in rec["error"]
     assert not list(out.glob(f".case.*{TEMP_SUFFIX}"))  # the case folders went with their cases
+    assert all(r["timeout_s"] == timeout and r["memory_limit"] == "1 GiB (RLIMIT_AS)" for r in recs.values())
     if runner == "native":
         assert all(r["isolated"] and r["timing_mode"] == "in-process" for r in recs.values())
-        assert all(r["timeout_s"] == timeout and r["memory_limit"] == "1 GiB (RLIMIT_AS)" for r in recs.values())
         assert recs[GOOD[0]]["peak_rss_mb"] > 0  # measured in the worker
 
 

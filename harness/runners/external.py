@@ -99,6 +99,8 @@ def run_external_case(executor, entry: str, segmenter: str, case_path: Path, con
         record.update(image=executor.image, memory_limit=executor.memory)
     if config.timeout:
         record["timeout_s"] = config.timeout
+    if getattr(executor, "limits", None) is not None:  # the subprocess runner's --memory (RLIMIT_AS)
+        record.update(executor.limits.record_fields())
     stage = Stage()
     try:
         case = load_case(case_path)

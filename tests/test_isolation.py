@@ -26,7 +26,7 @@ from harness.runners.limits import Limits, exit_text, format_bytes, kernel_oom_k
 from helpers import DEMO, harness_cli, install_fake_plugin
 
 # Box fill, except on the cases RUNAWAY names (case=what,...): exit (sys.exit(3)), _exit (os._exit(7)),
-# hang (sleeps an hour), alloc (2 GB in 100 MB steps). LOAD_SECONDS: a slow model load.
+# hang (sleeps an hour), spawn (starts a helper process, then hangs), alloc (2 GB in 100 MB steps). LOAD_SECONDS: a slow model load.
 RUNAWAY_PLUGIN = textwrap.dedent(
     '''
     import os, sys, time
@@ -44,6 +44,12 @@ RUNAWAY_PLUGIN = textwrap.dedent(
             if what == "_exit":
                 os._exit(7)
             if what == "hang":
+                time.sleep(3600)
+            if what == "spawn":  # a helper process, then a hang
+                import subprocess
+                helper = subprocess.Popen(["sleep", "3600"])
+                with open(os.environ["SPAWNED_PID_FILE"], "w") as fh:
+                    fh.write(str(helper.pid))
                 time.sleep(3600)
             if what == "alloc":
                 held = []
@@ -383,3 +389,15 @@ def test_sigterm_during_an_isolated_case_stops_cleanly_and_ends_the_worker(tmp_p
     assert "terminated (SIGTERM); finished cases are kept" in err
     assert not marker.exists()  # an interrupt, not a crash: the rerun segments the case as usual
     assert all(_gone(pid, timeout=5) for pid in workers)
+
+
+def test_a_timeout_also_ends_what_the_segmenter_started(tmp_path, runaway_env):
+    data, out, pid_file = tmp_path / "data", tmp_path / "out", tmp_path / "spawned.pid"
+    (data / "imgs").mkdir(parents=True)
+    shutil.copy(DEMO / "imgs" / GOOD[0], data / "imgs" / GOOD[0])
+    env = {**runaway_env, "RUNAWAY": f"{GOOD[0]}=spawn", "SPAWNED_PID_FILE": str(pid_file)}
+    result = harness_cli(["run", "--models", "runaway", "--timeout", "2", "--data", str(data), "--out", str(out),
+                          "--no-progress", "--bootstrap", "20"], env=env, timeout=120)
+    assert result.returncode == 1 and "exceeded --timeout 2 s" in result.stderr, result.stderr
+    helper = int(pid_file.read_text())
+    assert _gone(helper, timeout=5), "the segmenter's helper process outlived the timeout"

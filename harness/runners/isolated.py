@@ -179,12 +179,14 @@ class IsolatedWorker:
     def close(self) -> None:
         """Ask an idle worker to stop, and kill it if it does not within :data:`STOP_GRACE_S`; kill a busy
         one (the run was interrupted in the middle of a case)."""
-        if self.proc.poll() is None and not self.busy:
+        if self.alive() and not self.busy:
             try:
                 self.conn.send(("stop",))
-                self.proc.wait(timeout=STOP_GRACE_S)
-            except (OSError, subprocess.TimeoutExpired):
+            except OSError:
                 pass
+            deadline = time.monotonic() + STOP_GRACE_S
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
         self.kill()
 
 

@@ -26,7 +26,8 @@ from harness.runners.limits import Limits, exit_text, format_bytes, kernel_oom_k
 from helpers import DEMO, harness_cli, install_fake_plugin
 
 # Box fill, except on the cases RUNAWAY names (case=what,...): exit (sys.exit(3)), _exit (os._exit(7)),
-# hang (sleeps an hour), spawn (starts a helper process, then hangs), alloc (2 GB in 100 MB steps). LOAD_SECONDS: a slow model load.
+# hang (sleeps an hour), spawn (starts a helper process, then hangs), leave (starts one and returns), alloc
+# (2 GB in 100 MB steps). LOAD_SECONDS: a slow model load.
 RUNAWAY_PLUGIN = textwrap.dedent(
     '''
     import os, sys, time
@@ -45,12 +46,13 @@ RUNAWAY_PLUGIN = textwrap.dedent(
                 os._exit(7)
             if what == "hang":
                 time.sleep(3600)
-            if what == "spawn":  # a helper process, then a hang
+            if what in ("spawn", "leave"):  # a helper process, then a hang (spawn) or a normal answer (leave)
                 import subprocess
                 helper = subprocess.Popen(["sleep", "3600"])
                 with open(os.environ["SPAWNED_PID_FILE"], "w") as fh:
                     fh.write(str(helper.pid))
-                time.sleep(3600)
+                if what == "spawn":
+                    time.sleep(3600)
             if what == "alloc":
                 held = []
                 for _ in range(20):
@@ -401,3 +403,16 @@ def test_a_timeout_also_ends_what_the_segmenter_started(tmp_path, runaway_env):
     assert result.returncode == 1 and "exceeded --timeout 2 s" in result.stderr, result.stderr
     helper = int(pid_file.read_text())
     assert _gone(helper, timeout=5), "the segmenter's helper process outlived the timeout"
+
+
+@pytest.mark.parametrize("runner", ["native", "subprocess"])
+def test_helpers_a_segmenter_leaves_running_end_with_its_process(tmp_path, runaway_env, runner):
+    data, out, pid_file = tmp_path / "data", tmp_path / "out", tmp_path / "spawned.pid"
+    (data / "imgs").mkdir(parents=True)
+    shutil.copy(DEMO / "imgs" / GOOD[0], data / "imgs" / GOOD[0])
+    env = {**runaway_env, "RUNAWAY": f"{GOOD[0]}=leave", "SPAWNED_PID_FILE": str(pid_file)}
+    args = ["run", "--models", "runaway", "--runner", runner, "--data", str(data), "--out", str(out), "--no-progress",
+            "--bootstrap", "20"] + (["--isolate"] if runner == "native" else [])
+    result = harness_cli(args, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert _gone(int(pid_file.read_text()), timeout=5), "the segmenter's helper process outlived the run"

@@ -113,9 +113,10 @@ class SubprocessExecutor:
                 if timer:
                     timer.cancel()
                 peak.stop()
-                if proc.poll() is None:  # interrupted (Ctrl-C) before it finished: leave nothing behind
-                    _killpg(proc.pid)
-                    proc.wait()
+                # an interrupted (Ctrl-C) child, and whatever an exited one left running in its process group
+                # (not reaped yet, its id still names the group): nothing outlives the case
+                _killpg(proc.pid)
+                proc.wait()
         code = proc.returncode
         log = log_path.read_text(errors="replace")
         peak_mb = peak.kb / 1024.0 if peak.kb else None

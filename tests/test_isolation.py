@@ -254,6 +254,9 @@ def test_memory_sizes_and_limit_texts():
     assert limits.memory_problem("MemoryError: x") == "exceeded --memory 4 GiB (RLIMIT_AS): MemoryError: x"
     assert limits.reached_memory(4 * 1024 ** 2 - 1000) and not limits.reached_memory(2 * 1024 ** 2)
     assert not Limits().reached_memory(10 ** 9)
+    assert limits.failed_allocation("RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried ...")
+    assert limits.failed_allocation("MemoryError: Unable to allocate 100. MiB") and not limits.failed_allocation("ok")
+    assert not Limits().failed_allocation("MemoryError")  # no limit in force: nothing to name
     assert exit_text(3) == "exited with status 3" and exit_text(-9) == "was killed by signal SIGKILL"
     assert exit_text(-11) == "was killed by signal SIGSEGV"
 

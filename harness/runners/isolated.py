@@ -146,7 +146,7 @@ class IsolatedWorker:
             return Segmented(*reply[1:])
         _, type_name, message = reply
         problem = f"{type_name}: {message}"
-        if self.limits.memory and (type_name == "MemoryError" or self.limits.reached_memory(vm_peak)):
+        if self.limits.failed_allocation(problem) or self.limits.reached_memory(vm_peak):
             problem = self.limits.memory_problem(problem)
         raise CaseRunError(case_path, problem)
 

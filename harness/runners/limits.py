@@ -14,10 +14,12 @@ runner; the ``docker`` runner limits its containers through the engine instead.
   GPU drivers, JITs, allocators with big arenas, many threads' stacks) can hit the cap while using far
   less physical memory; give them a larger ``--memory`` or run them in the docker runner, whose limit is
   a cgroup's (resident memory).
-* **Out of memory, only with evidence.** A death is called "out of memory" only when the limit says so
-  (a MemoryError under ``--memory``, or an address space that reached it) or the kernel logged an OOM
-  kill of that very process (``dmesg``, where this process may read it; else nothing is said about
-  memory).
+* **Out of memory, only with evidence.** A failure is put down to memory only when the limit says so (a
+  failed allocation under ``--memory``: MemoryError, ENOMEM, bad_alloc; or an address space that reached
+  it) or the kernel logged an OOM kill of that very process (``dmesg``, where this process may read it;
+  else nothing is said about memory).
+* **No cgroup.** A cgroup (resident memory, the kernel's own OOM accounting) is not created for these
+  processes: that needs a writable cgroup v2 tree with the memory controller delegated to the harness.
 """
 from __future__ import annotations
 
@@ -86,6 +88,11 @@ class Limits:
     def memory_problem(self, detail: str) -> str:
         return f"exceeded {self.memory_label}: {detail}"
 
+    def failed_allocation(self, text: str) -> bool:
+        """Whether ``text`` (an error, a log) reports a failed allocation, which under ``--memory`` is the
+        address-space limit at work: Python's MemoryError, torch's and C's ENOMEM, C++'s bad_alloc."""
+        return bool(self.memory) and any(sign in text for sign in _ALLOCATION_FAILED)
+
     def reached_memory(self, vm_peak_kb: int | None) -> bool:
         """Whether an address space that peaked at ``vm_peak_kb`` was at the limit (within 64 MiB or 5%:
         the allocation that failed is not counted in the peak)."""
@@ -101,6 +108,9 @@ class Limits:
         if self.memory:
             out["memory_limit"] = f"{format_bytes(self.memory)} (RLIMIT_AS)"
         return out
+
+
+_ALLOCATION_FAILED = ("MemoryError", "Cannot allocate memory", "can't allocate memory", "bad_alloc")
 
 
 def child_setup(memory: int | None = None) -> Callable[[], None]:

@@ -125,7 +125,7 @@ class SubprocessExecutor:
             problem = self.limits.timeout_problem()
         elif code != 0:
             problem = f"{self.what} {exit_text(code)}"
-            if self.limits.memory and ("MemoryError" in log or self.limits.reached_memory(peak.vm_kb)):
+            if self.limits.failed_allocation(log) or self.limits.reached_memory(peak.vm_kb):
                 problem = self.limits.memory_problem(problem)
             elif code < 0:
                 oom = kernel_oom_kill(proc.pid, name, started_at)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.medficientsam import build_efficientvit_encoder  # noqa: E402
-from models.engine import cpu_bf16_support  # noqa: E402
+from models.builders import build_efficientvit_encoder  # noqa: E402
+from models.hardware import cpu_bf16_support  # noqa: E402
 from training.loop import autocast  # noqa: E402
 from training.tasks import TEACHER_TRANSFORMS, load_full_model, _weights_for  # noqa: E402
 

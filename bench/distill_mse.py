@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.checkpoints import read_checkpoint  # noqa: E402
-from models.medficientsam import build_efficientvit_encoder  # noqa: E402
+from models.builders import build_efficientvit_encoder  # noqa: E402
+from models.weights.checkpoints import read_checkpoint  # noqa: E402
 from training.data import DistillDataset, build_index  # noqa: E402
 from training.tasks import TEACHER_TRANSFORMS, _weights_for, load_full_model, resolve_teacher  # noqa: E402
 

@@ -33,15 +33,14 @@ from typing import Callable
 import numpy as np
 
 from harness.cases import Case, discover_cases, load_case
+from harness.choices import EXPORT_BACKENDS, PATHS, PRECISIONS
 from harness.metrics import dice_per_label
 from harness.pluginmanager import HarnessPlugins
 from harness.profiling import PeakRSS, cpu_name, default_threads
 from harness.results import write_json_atomic, write_text_atomic
 from harness.specs import LoadOptions
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
-PRECISIONS = ("fp32", "bf16")
-PATHS = ("faithful", "fast")
+VARIANT_BACKENDS = ("torch", *EXPORT_BACKENDS)  # what a variant may name: no "auto", a variant is explicit
 
 
 @dataclass(frozen=True)
@@ -64,14 +63,14 @@ class Variant:
         for token in tokens[1:]:
             if token in PRECISIONS:
                 variant = dataclasses.replace(variant, precision=token)
-            elif token in BACKENDS:
+            elif token in VARIANT_BACKENDS:
                 variant = dataclasses.replace(variant, backend=token)
             elif token[:1] in ("b", "d") and token[1:].isdigit() and int(token[1:]) >= 1:
                 field_name = "encoder_batch" if token[0] == "b" else "decoder_batch"
                 variant = dataclasses.replace(variant, **{field_name: int(token[1:])})
             else:
                 raise ValueError(f"variant {text!r}: unknown part {token!r} (expected one of "
-                                 f"{PRECISIONS + BACKENDS}, bN (the fast path's encoder batch) or dN (its "
+                                 f"{PRECISIONS + VARIANT_BACKENDS}, bN (the fast path's encoder batch) or dN (its "
                                  "decoder batch))")
         return variant
 
@@ -93,7 +92,7 @@ def default_variants() -> list[Variant]:
     """faithful, fast, and where this machine can: fast+bf16 and each export backend whose packages
     (runtime and exporter: :func:`harness.choices.missing_packages`) are all installed."""
     from harness import choices
-    from models.engine import cpu_bf16_support
+    from models.hardware import cpu_bf16_support
 
     names = ["faithful", "fast"]
     if cpu_bf16_support():
@@ -212,7 +211,7 @@ def run_bench(config: BenchConfig, plugins: HarnessPlugins | None = None, log: C
     threads = config.threads or default_threads()
     torch.set_num_threads(threads)
     peaks = {"fp32": matmul_peak_gflops(threads, "fp32")}
-    from models.engine import cpu_bf16_support
+    from models.hardware import cpu_bf16_support
 
     if cpu_bf16_support():
         peaks["bf16"] = matmul_peak_gflops(threads, "bf16")

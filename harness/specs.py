@@ -81,7 +81,7 @@ class Segmenter(Protocol):
 
 
 ENGINE_CHOICES = ("path", "precision", "backend")
-"""The execution choices a segmenter built on :class:`models.engine.BoxPromptEngine` honours."""
+"""The execution choices a segmenter built on :class:`models.inference.engine.BoxPromptEngine` honours."""
 
 
 @dataclass(frozen=True)

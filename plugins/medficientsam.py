@@ -8,7 +8,7 @@ Segmenters:
   resize of the uint8 image (no antialiasing), min-max, zero pad, integer box scaling, one box
   per decoder call, 256 -> 512 -> crop -> original-size postprocessing; 3D from the middle slice
   with z_max exclusive and the tight previous-slice box at original resolution. See
-  ``models.engine.MEDFICIENTSAM_DOCKER``.
+  ``models.inference.pipelines.MEDFICIENTSAM_DOCKER``.
 * ``l0-distilled``, ``l1-distilled``, ``l2-distilled``: the distilled student encoder completed
   with MedSAM's prompt encoder and mask decoder (prompt frame 1024), run as ``src/infer.py`` with
   the ``infer_distilled_*`` configs (the "Distillation" column of the seed tables). They need
@@ -17,7 +17,7 @@ Segmenters:
 Weights are not bundled: ``--weights l0=PATH`` or ``--weights-dir``, accepting plain state_dicts,
 medficientsam Lightning checkpoints (``model.*`` fine-tuned, ``student_encoder.*`` distilled) and
 medsam-harness weights files; all read with ``torch.load(weights_only=True)``. The exported pickled
-``model.pth`` is refused unless ``--allow-pickle`` (see ``models.checkpoints``).
+``model.pth`` is refused unless ``--allow-pickle`` (see ``models.weights.checkpoints``).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ _DISTILLED_MODALITIES_R = {
 
 def load(variant: str, distilled_only: bool, options: LoadOptions):
     """Build the variant, read the user's checkpoint and wrap it in its faithful pipeline."""
-    from models.zoo import load_medficientsam
+    from models.weights.zoo import load_medficientsam
 
     return load_medficientsam(variant, options, distilled_only=distilled_only)
 

@@ -4,7 +4,7 @@ Upstream reference reproduced: medficientsam ``src/infer.py`` with ``experiment=
 (commit 59504938): letterbox to 1024 with a bilinear resize of the uint8 image (no
 antialiasing), per-image min-max, zero pad, integer box scaling, batched 2D decoding,
 256 -> 1024 -> crop -> original-size postprocessing; 3D from the middle slice with z_max
-exclusive, z clamped, and the tight propagated box. See ``models.engine.MEDSAM_MFS``. (MedSAM's
+exclusive, z clamped, and the tight propagated box. See ``models.inference.pipelines.MEDSAM_MFS``. (MedSAM's
 own 2D script squashes the image to 1024x1024 instead; the challenge has no 3D MedSAM script.)
 
 Weights: not bundled. ``--weights medsam=medsam_vit_b.pth`` (the released plain state_dict) or
@@ -18,7 +18,7 @@ from harness.specs import ENGINE_CHOICES
 
 def load(options: LoadOptions):
     """Build MedSAM ViT-B, load the user's checkpoint and wrap it in the ``infer_medsam`` pipeline."""
-    from models.zoo import load_medsam
+    from models.weights.zoo import load_medsam
 
     return load_medsam(options)
 

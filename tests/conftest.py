@@ -41,3 +41,31 @@ def docker_client():
         pytest.skip(f"no Docker engine: {exc}")
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def harness_images(docker_client):
+    """The harness's own images of boxfill and litemedsam, ``{model: ImageInfo}``, for every test that
+    needs them: made once per session the way ``harness run --runner docker`` makes them
+    (:func:`harness.runners.docker.harness_image`: the existing image when its labels match this
+    harness, its runtime image and its weights, else a fresh :func:`harness.container.model_image.build_image`)."""
+    from pathlib import Path
+
+    from harness.container.common import ImageInfo
+    from harness.pluginmanager import HarnessPlugins
+    from harness.run import RunConfig
+    from harness.runners.case import load_options, model_info
+    from harness.runners.docker import harness_image
+    from helpers import DEMO, require_base_image_or_mmdebstrap
+
+    require_base_image_or_mmdebstrap(docker_client)
+    plugins = HarnessPlugins()
+    images = {}
+    for model in ("boxfill", "litemedsam"):
+        spec = plugins.get(model)
+        config = RunConfig(models=[model], data_dir=DEMO, out_dir=Path("."), runner="docker")
+        info = model_info(spec, spec.load(load_options(spec, config, 2)).describe(), plugins, [])
+        tag = harness_image(docker_client, model, config, info, log=lambda _: None)
+        image = docker_client.images.get(tag)
+        images[model] = ImageInfo(tag=tag, id=image.id, size_bytes=int(image.attrs.get("Size", 0)), model=model)
+    return images

@@ -34,3 +34,26 @@ def harness_cli(args: list[str], env: dict | None = None, cwd: Path | None = Non
 def harness_popen(args: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=env, cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def require_base_image_or_mmdebstrap(client) -> None:
+    """Skip (fail under ``HARNESS_REQUIRE_DOCKER=1``) when the Debian base image is neither built nor
+    buildable here (it is made with mmdebstrap)."""
+    import shutil
+
+    import pytest
+    from docker.errors import ImageNotFound
+
+    from harness.container.base_image import base_image_tag
+
+    try:
+        client.images.get(base_image_tag())
+        return
+    except ImageNotFound:
+        pass
+    if shutil.which("mmdebstrap") is None:
+        reason = "the base image is not built yet and mmdebstrap is not on PATH (apt-get install mmdebstrap)"
+        if os.environ.get("HARNESS_REQUIRE_DOCKER") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+

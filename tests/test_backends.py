@@ -1,4 +1,4 @@
-"""Exported backends (``models.backends``, ``--backend onnxruntime|openvino``) against torch fp32.
+"""Exported backends (``models.export.backends``, ``--backend onnxruntime|openvino``) against torch fp32.
 
 * Parity: every built-in model (LiteMedSAM: TinyViT at 256; MedficientSAM-L0/L1/L2: EfficientViT at
   512; MedSAM: ViT-B at 1024) with the reference seed-0 weights; the backend's embedding (batches of 1
@@ -27,14 +27,17 @@ import torch
 from torch import nn
 
 import harness.choices as choices
-import models.backends as backends
+import models.export.backends as backends
+import models.export.exporter as exporter
 from models import build_model, load_weights
-from models.backends import BACKENDS, compile_backend, default_cache_dir
-from models.checkpoints import default_litemedsam_checkpoint
-from models.engine import EXECUTION_PATHS, LITEMEDSAM_CVPR24, cpu_bf16_support
-from models.sam import MaskDecoder, PromptEncoder, TwoWayTransformer
-from models.segmenter_module import ModelInfo, PromptableSAM
-from models.segmenters import TorchSegmenter, file_sha256
+from harness.choices import EXPORT_BACKENDS
+from models.export.backends import compile_backend, default_cache_dir
+from models.weights.checkpoints import default_litemedsam_checkpoint
+from models.hardware import cpu_bf16_support
+from models.inference.pipelines import EXECUTION_PATHS, LITEMEDSAM_CVPR24
+from models.nets.sam import MaskDecoder, PromptEncoder, TwoWayTransformer
+from models.nets.promptable_sam import ModelInfo, PromptableSAM
+from models.inference.segmenters import TorchSegmenter, file_sha256
 from reference import IOU_TOL, REL_TOL, abs_dev, make_case_inputs, make_state_dict, rel_dev
 
 pytestmark = pytest.mark.usefixtures("two_threads")
@@ -58,17 +61,20 @@ def _require(*packages: str) -> None:
 
 
 def _backend_param(backend: str, *names: str):
-    """``pytest.param(*names, backend)``, skipped with the reason when the backend is not installed."""
+    """``pytest.param(*names, backend)``, skipped with the reason when the backend is not installed; marked
+    slow for a model other than LiteMedSAM (exporting a larger encoder takes tens of seconds to minutes)."""
     missing = backends.missing_packages(backend)
     reason = f"backend {backend} needs {', '.join(missing)} (pip install 'medsam-harness[backends]')"
-    return pytest.param(*names, backend, marks=pytest.mark.skipif(bool(missing), reason=reason),
-                        id="-".join((*names, backend)))
+    marks = [pytest.mark.skipif(bool(missing), reason=reason)]
+    if names and names[0] != "litemedsam":
+        marks.append(pytest.mark.slow)
+    return pytest.param(*names, backend, marks=marks, id="-".join((*names, backend)))
 
 
-BACKEND_PARAMS = [_backend_param(b) for b in BACKENDS]
+BACKEND_PARAMS = [_backend_param(b) for b in EXPORT_BACKENDS]
 # openvino (the default backend, --backend auto) for every model; onnxruntime for one model of each
 # encoder family (it converts the same ONNX graphs).
-PARITY = [_backend_param(b, name) for name in SEEDED for b in (BACKENDS if name in ("litemedsam", "l0") else ("openvino",))]
+PARITY = [_backend_param(b, name) for name in SEEDED for b in (EXPORT_BACKENDS if name in ("litemedsam", "l0") else ("openvino",))]
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +226,7 @@ def test_release_mapped_pages(tmp_path):
 
 def test_openvino_releases_the_ir_weights_pages(seeded_models, export_root):
     """After compiling, the IR's weights file is not counted twice in RSS: its mapped pages are given
-    back (:func:`models.backends.release_mapped_pages`); the plugin keeps its repacked copy, and
+    back (:func:`models.export.runtimes.release_mapped_pages`); the plugin keeps its repacked copy, and
     the graph still computes the torch embedding."""
     _require("openvino", "onnx", "onnxscript")
     model, images, expected = seeded_models("l0")
@@ -328,7 +334,7 @@ def test_export_cache_reused_and_keyed(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = model.image_encoder(image)
     first = {}
-    for backend in BACKENDS:  # openvino converts the ONNX export that onnxruntime made: one export
+    for backend in EXPORT_BACKENDS:  # openvino converts the ONNX export that onnxruntime made: one export
         executor = compile_backend(backend, model, 256, cache_key="tiny-a", cache_dir=tmp_path)
         assert executor.exported and executor.folder.is_dir() and executor.folder.parent == tmp_path / "tiny-a"
         assert f"-256px-v{backends.EXPORT_FORMAT_VERSION}-" in executor.folder.name
@@ -342,9 +348,9 @@ def test_export_cache_reused_and_keyed(tmp_path, monkeypatch):
     def no_export(*args, **kwargs):
         raise AssertionError("exported although the cache holds the graphs")
 
-    monkeypatch.setattr(backends, "_export_onnx", no_export)
-    monkeypatch.setattr(backends, "_convert_openvino", no_export)
-    for backend in BACKENDS:
+    monkeypatch.setattr(backends, "export_onnx", no_export)
+    monkeypatch.setattr(backends, "convert_openvino", no_export)
+    for backend in EXPORT_BACKENDS:
         again = compile_backend(backend, model, 256, cache_key="tiny-a", cache_dir=tmp_path)
         assert not again.exported and again.folder == first[backend][0]
         assert _files(again.folder) == first[backend][1]  # nothing rewritten
@@ -362,7 +368,7 @@ def test_export_cache_reused_and_keyed(tmp_path, monkeypatch):
         targets.append(out)
         raise RuntimeError("export wanted")
 
-    monkeypatch.setattr(backends, "_export_onnx", record)
+    monkeypatch.setattr(backends, "export_onnx", record)
     with pytest.raises(RuntimeError, match="export wanted"):
         compile_backend("onnxruntime", _tiny_model(1), 256, cache_key="tiny-a", cache_dir=tmp_path)
     monkeypatch.undo()
@@ -425,7 +431,7 @@ def _run_script(tmp_path: Path, body: str) -> str:
     head = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
             "import torch\n"
             "from test_backends import _tiny_model\n"
-            "from models.backends import compile_backend\n")
+            "from models.export.backends import compile_backend\n")
     done = subprocess.run([sys.executable, "-c", head + body, str(tmp_path)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -433,7 +439,7 @@ def _run_script(tmp_path: Path, body: str) -> str:
 
 
 def test_export_runs_in_a_child_process(tmp_path):
-    """The exporter never enters the harness's process (it keeps its memory: models/backends.py
+    """The exporter never enters the harness's process (it keeps its memory: models/export/exporter.py
     _run_job); the child's errors come back as RuntimeError naming what failed."""
     _require("openvino", "onnx", "onnxscript")
     stdout = _run_script(tmp_path, "ex = compile_backend('openvino', _tiny_model(0), 256, cache_key='tiny', "
@@ -446,7 +452,7 @@ def test_export_runs_in_a_child_process(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(RuntimeError, match=r"missing/encoder.onnx: converting to OpenVINO IR failed"):
-        backends._run_job("openvino", out, onnx_dir=str(tmp_path / "missing"))
+        exporter._run_job("openvino", out, onnx_dir=str(tmp_path / "missing"))
     assert not list(tmp_path.glob(".job-*"))  # the job's folder is gone
 
 
@@ -454,7 +460,7 @@ def test_model_of_a_main_script_exports_in_this_process(tmp_path):
     """A model class defined in the running script (``__main__``) pickles, but the child cannot import
     it: the export then runs in the script's own process."""
     _require("onnxruntime", "onnx", "onnxscript")
-    stdout = _run_script(tmp_path, "from models.segmenter_module import PromptableSAM\n"
+    stdout = _run_script(tmp_path, "from models.nets.promptable_sam import PromptableSAM\n"
                                    "class MainSAM(PromptableSAM):\n"
                                    "    pass\n"
                                    "model = _tiny_model(0)\n"
@@ -474,7 +480,7 @@ def test_export_process_that_dies_is_reported(tmp_path, monkeypatch):
     out.mkdir()
     monkeypatch.setattr(sys, "executable", "/bin/false")
     with pytest.raises(RuntimeError, match="the openvino export process exited with status 1 and no result"):
-        backends._run_job("openvino", out, onnx_dir=str(tmp_path))
+        exporter._run_job("openvino", out, onnx_dir=str(tmp_path))
 
 
 def test_unpicklable_model_exports_in_this_process(tmp_path):
@@ -511,7 +517,7 @@ def test_unknown_backend_and_precision_errors(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing exported
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", EXPORT_BACKENDS)
 def test_missing_package_errors(backend, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, backend, None)  # makes `import <backend>` raise ImportError
     with pytest.raises(ImportError, match=rf"pip install {backend}.*medsam-harness\[backends\]"):
@@ -528,7 +534,7 @@ def test_missing_exporter_errors(tmp_path, monkeypatch):
 
 # ============================================================================ --backend auto (the default)
 def test_auto_picks_openvino_on_the_fast_path_when_installed(monkeypatch):
-    from models.backends import resolve_backend
+    from harness.choices import resolve_backend
 
     for explicit in ("torch", "onnxruntime", "openvino"):  # a named backend is used as named
         assert resolve_backend(explicit, "faithful") == explicit

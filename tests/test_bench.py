@@ -19,9 +19,10 @@ from harness.cases import load_case
 from harness.pluginmanager import HarnessPlugins
 from harness.specs import ENGINE_CHOICES
 from helpers import DEMO
-from models.engine import LITEMEDSAM_CVPR24, cpu_bf16_support
-from models.segmenters import TorchSegmenter
-from test_engine_e2e import _StubSAM
+from models.hardware import cpu_bf16_support
+from models.inference.pipelines import LITEMEDSAM_CVPR24
+from models.inference.segmenters import TorchSegmenter
+from test_inference_pipelines import _StubSAM
 
 CASES = ("2DBox_US_hc18-158.npz", "3DBox_CT_sts025.npz")
 
@@ -40,13 +41,13 @@ def test_variant_names_round_trip_and_bad_parts_are_named():
 def test_default_variants_list_only_backends_that_can_export_and_run(monkeypatch):
     """A backend whose runtime is installed but whose exporter is not would only fail at load."""
     import harness.choices as choices
-    import models.engine as engine
+    import models.hardware as hardware
     from harness.benchmark import default_variants
 
-    monkeypatch.setattr(engine, "cpu_bf16_support", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: False)
     monkeypatch.setattr(choices, "missing_packages", lambda b: ["onnxscript"] if b == "openvino" else [])
     assert [v.name for v in default_variants()] == ["faithful", "fast", "fast+onnxruntime"]
-    monkeypatch.setattr(engine, "cpu_bf16_support", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: True)
     monkeypatch.setattr(choices, "missing_packages", lambda b: [])
     assert [v.name for v in default_variants()] == ["faithful", "fast", "fast+bf16", "fast+onnxruntime",
                                                     "fast+openvino"]

@@ -18,9 +18,9 @@ import torch
 
 from harness.specs import LoadOptions
 from models import CheckpointError, build_model
-from models.checkpoints import identify, read_checkpoint, save_harness_checkpoint
+from models.weights.checkpoints import identify, read_checkpoint, save_harness_checkpoint
 from models.complexity import count_parameters
-from models.zoo import MissingWeightsError, find_weights, load_medficientsam, load_medsam
+from models.weights.zoo import MissingWeightsError, find_weights, load_medficientsam, load_medsam
 from reference import make_state_dict
 from helpers import DEMO, harness_cli
 
@@ -111,7 +111,7 @@ def test_pickled_module_refused_unless_allowed(tmp_path, l0_state):
     message = str(info.value)
     assert str(path) in message and "pickled whole model" in message
     # it names the classes outside torch it would run, and suggests nothing that would run them
-    assert "models.efficientvit" in message and "run their code" in message and "state_dict" in message
+    assert "models.nets.efficientvit" in message and "run their code" in message and "state_dict" in message
     assert "--allow-pickle" not in message and "weights_only=False" not in message
     segmenter = load_medficientsam("l0", _as_loaded(weights=path, allow_pickle=True))
     assert read_checkpoint(path, allow_pickle=True).format == "pickled-module"

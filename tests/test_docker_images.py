@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import shutil
 import tarfile
 import time
@@ -22,9 +21,9 @@ from harness import __version__
 from harness.cli import main
 from harness.container.client import EngineUnavailable, connect
 from harness.container.archives import export_image, load_image
-from harness.container.base_image import base_image_tag, ensure_base_image
+from harness.container.base_image import ensure_base_image
 from harness.container.common import ImageArchiveError
-from harness.container.model_image import build_image
+from helpers import require_base_image_or_mmdebstrap
 
 pytestmark = pytest.mark.docker
 
@@ -69,24 +68,9 @@ def test_engine_found(docker_client):
     assert docker_client.version()["ApiVersion"]
 
 
-def _require_mmdebstrap(client) -> None:
-    from docker.errors import ImageNotFound
-
-    try:
-        client.images.get(base_image_tag())
-        return
-    except ImageNotFound:
-        pass
-    if shutil.which("mmdebstrap") is None:
-        reason = "the base image is not built yet and mmdebstrap is not on PATH (apt-get install mmdebstrap)"
-        if os.environ.get("HARNESS_REQUIRE_DOCKER") == "1":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def base_tag(docker_client):
-    _require_mmdebstrap(docker_client)
+    require_base_image_or_mmdebstrap(docker_client)
     return ensure_base_image(docker_client)
 
 
@@ -107,12 +91,12 @@ def test_base_image_is_built_once(docker_client, base_tag):
 
 
 @pytest.fixture(scope="module")
-def images(docker_client, base_tag):
-    return {model: build_image(model, client=docker_client) for model in ("boxfill", "litemedsam")}
+def images(harness_images):
+    return harness_images
 
 
 def test_model_images_carry_labels_user_and_predict_sh(docker_client, images):
-    from models.checkpoints import default_litemedsam_checkpoint
+    from models.weights.checkpoints import default_litemedsam_checkpoint
 
     bundled_sha = hashlib.sha256(default_litemedsam_checkpoint().read_bytes()).hexdigest()
     for model, info in images.items():

@@ -19,19 +19,18 @@ import pytest
 import torch
 
 from harness.specs import LoadOptions
-from models.engine import (
+from models.inference.engine import BoxPromptEngine, EngineStats
+from models.inference.pipelines import (
     EXECUTION_PATHS,
     LITEMEDSAM_CVPR24,
     LITEMEDSAM_SRC_INFER,
     MEDFICIENTSAM_DOCKER,
     MEDFICIENTSAM_SRC_INFER,
     PRESETS,
-    BoxPromptEngine,
-    EngineStats,
     PipelineConfig,
-    SliceCache,
 )
-from test_engine_e2e import _StubDecoder, _StubSAM, _volume
+from models.inference.slice_cache import SliceCache
+from test_inference_pipelines import _StubDecoder, _StubSAM, _volume
 
 EMBEDDING_BYTES = 256 * 64 * 64 * 4  # one stub / SAM slice embedding, float32
 
@@ -215,28 +214,19 @@ def test_cache_entries_are_owned_copies():
     assert got.sum() == 4 and cache.get(1).sum() == 4 + 5 + 6 + 7
     got.zero_()
     assert cache.get(0).sum() == 4
-    assert cache.put(2, torch.ones(1, 4)) and cache.put(3, torch.ones(1, 4))  # evicts the LRU entry (1)
-    assert 1 not in cache and 0 in cache and cache.bytes == 48 and stats.cache_evictions == 1
-    assert not cache.put(4, torch.ones(1, 4), evict=False) and 4 not in cache
+    assert cache.put(2, torch.ones(1, 4)) and cache.bytes == 48  # full
+    assert not cache.put(3, torch.ones(1, 4)) and 3 not in cache  # no room: not stored, nothing evicted
+    assert 0 in cache and 1 in cache and 2 in cache and cache.bytes == 48
+    assert cache.pop(1).sum() == 4 + 5 + 6 + 7 and cache.bytes == 32 and 1 not in cache
     assert not cache.put(5, torch.ones(1, 13))  # larger than the whole budget
     assert stats.peak_cache_bytes == 48
 
 
-def test_legacy_cache_option_still_caches_every_slice_once():
-    """``cache_slice_embeddings`` (faithful call pattern, one slice per call) shares the bounded cache."""
-    vol = _volume(depth=8, blank=(6,))
-    boxes = np.array([[20, 20, 1, 60, 60, 6], [30, 30, 2, 90, 90, 7], [0, 0, 0, 10, 10, 1]])
-    plain = _run(LITEMEDSAM_CVPR24, vol, boxes)[0]
-    cached, engine, model = _run(LITEMEDSAM_CVPR24.with_options(cache_slice_embeddings=True), vol, boxes)
-    np.testing.assert_array_equal(cached, plain)
-    assert model.image_encoder.calls == 8 and set(engine.stats.encoder_batches) == {1}
-
-
 # ============================================================================ choosing the path
 def test_torch_segmenter_applies_and_reports_the_path(monkeypatch):
-    import models.segmenters as segmenters
+    import models.inference.segmenters as segmenters
     from models.complexity import Compute
-    from models.segmenters import TorchSegmenter
+    from models.inference.segmenters import TorchSegmenter
 
     monkeypatch.setattr(segmenters, "measure_compute", lambda model, size: Compute(flops=0, norm_elements=0))
 
@@ -395,7 +385,7 @@ def test_folded_batchnorm_and_channels_last_keep_the_parity_vectors(model_name, 
     """The fast path's rewrites (BatchNorm folded into convs, channels-last weights) still give the
     upstream embedding and masks of case_seed0 within the parity bars."""
     from models import build_model
-    from models.optimize import fold_batchnorm, to_channels_last
+    from models.export.optimize import fold_batchnorm, to_channels_last
     from reference import REL_TOL, load_npz, make_case_inputs, make_state_dict, rel_dev
 
     ref = load_npz(model_key, "case_seed0.npz")
@@ -422,7 +412,7 @@ def test_folded_batchnorm_and_channels_last_keep_the_parity_vectors(model_name, 
 
 def test_fold_batchnorm_refuses_a_training_model():
     from models import build_model
-    from models.optimize import fold_batchnorm
+    from models.export.optimize import fold_batchnorm
 
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(build_model("l0").train())

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from models import CheckpointError, build_model, list_models, load_weights
-from models.checkpoints import default_litemedsam_checkpoint
+from models.weights.checkpoints import default_litemedsam_checkpoint
 from reference import (
     assert_outputs_match,
     IOU_TOL,

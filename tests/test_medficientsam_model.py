@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from models import build_model, list_models
-from models.efficientvit import LiteMLA
-# Importing models.medficientsam registers "l0", "l1" and "l2".
-from models.medficientsam import build_efficientvit_encoder, build_medficientsam
+from models.nets.efficientvit import LiteMLA
+from models.builders import build_efficientvit_encoder, build_medficientsam
 from reference import (
     assert_outputs_match,
     IOU_TOL,

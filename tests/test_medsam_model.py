@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from models import build_model, list_models
-from models.medsam import build_medsam_prompt_parts  # importing models.medsam registers "medsam"
-from models.vit import Attention, relative_position_table
+from models.builders import build_medsam_prompt_parts
+from models.nets.vit import Attention, relative_position_table
 from reference import (
     assert_outputs_match,
     IOU_TOL,
@@ -167,7 +167,7 @@ def test_chunked_attention_equals_single_pass(monkeypatch):
         attn.rel_pos_w.normal_(0, 0.1)
         x = torch.randn(2, 6, 6, 32)
         whole = attn(x)
-        monkeypatch.setattr("models.vit._SCORE_BUDGET", 36 * 36 * 3)  # 3 of 8 rows per chunk
+        monkeypatch.setattr("models.nets.vit._SCORE_BUDGET", 36 * 36 * 3)  # 3 of 8 rows per chunk
         chunked = attn(x)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
 
@@ -180,11 +180,13 @@ def test_encoder_rejects_other_sizes(model):
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.slow  # MedSAM ViT-B at 1024 px: tens of seconds on 2 cores
 def test_embedding_and_decoder_parity(reference_run):
     ref = reference_run["ref"]
     assert_outputs_match(reference_run, ref)
 
 
+@pytest.mark.slow  # MedSAM ViT-B at 1024 px: tens of seconds on 2 cores
 @pytest.mark.parametrize("name", ENCODER_STAGES)
 def test_encoder_stage_parity(reference_run, name):
     """patch_embed (before pos_embed) and the blocks are channels-last (1, 64, 64, 768)."""
@@ -198,6 +200,7 @@ def test_encoder_stage_parity(reference_run, name):
         assert abs(value - expected) <= REL_TOL * std
 
 
+@pytest.mark.slow  # MedSAM ViT-B at 1024 px: tens of seconds on 2 cores
 def test_batched_decoding_matches_reference(reference_run, model):
     """All boxes decoded against the one embedding in a single call match per-box decoding."""
     ref = reference_run["ref"]

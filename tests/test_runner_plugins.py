@@ -239,7 +239,7 @@ def broken_export(monkeypatch):
     """Every export fails (as for a third-party model with an operator the exporter lacks), and auto picks
     openvino whatever is installed."""
     import harness.choices as choices
-    import models.backends as backends
+    import models.export.backends as backends
 
     def broken(*args, **kwargs):
         raise RuntimeError("exporting the encoder to ONNX failed: unsupported operator aten::weird")

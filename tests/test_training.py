@@ -63,8 +63,8 @@ def test_distillation_lowers_embedding_mse(distilled):
 
 
 def test_distilled_weights_complete_with_the_teacher(distilled):
-    from models.checkpoints import read_checkpoint
-    from models.zoo import load_medficientsam
+    from models.weights.checkpoints import read_checkpoint
+    from models.weights.zoo import load_medficientsam
 
     ckpt = read_checkpoint(distilled / "model.pt")
     assert ckpt.format == "harness" and ckpt.encoder_only and ckpt.meta["decoder_from"] == "litemedsam"
@@ -110,6 +110,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [r["loss"] for r in _log(straight)] == [r["loss"] for r in _log(halves)]
 
 
+@pytest.mark.slow  # two torchrun processes, each importing torch and building L0
 def test_torchrun_two_processes_agree(one_case, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT)}

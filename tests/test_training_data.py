@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import training.data as data
-from models.preprocess import preprocess_image
+import training.data.index as data
+from models.inference.preprocess import preprocess_image
 from reference import require_data
 from training.augment import augment, hflip, shift_scale_rotate, vflip
 from training.data import (

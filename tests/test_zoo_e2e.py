@@ -4,14 +4,14 @@ and the whole zoo through ``harness run`` on real validation cases.
 References (``shared/reference/<model>/``, seed-0 weights, see its README):
 
 * ``medficientsam_l*/e2e_<case>.npz``: medficientsam ``infer_scripts/infer_torch.py`` (the Docker
-  submission) -> :data:`models.engine.MEDFICIENTSAM_DOCKER`;
+  submission) -> :data:`models.inference.pipelines.MEDFICIENTSAM_DOCKER`;
 * ``medficientsam_l*/e2e_<case>__src_infer_py.npz``: ``src/infer.py`` (batched 2D decoding,
-  z clamped) -> :data:`models.engine.MEDFICIENTSAM_SRC_INFER`;
+  z clamped) -> :data:`models.inference.pipelines.MEDFICIENTSAM_SRC_INFER`;
 * ``medsam_vit_b/e2e_<case>.npz``: ``src/infer.py`` with ``experiment=infer_medsam`` ->
-  :data:`models.engine.MEDSAM_MFS`.
+  :data:`models.inference.pipelines.MEDSAM_MFS`.
 
 Bars are the README's (:func:`reference.assert_segs_match`). The 3D runs use the slice-embedding
-cache, which changes only how often the (pure) encoder runs; test_engine_e2e pins that.
+cache, which changes only how often the (pure) encoder runs; test_inference_pipelines pins that.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ import pytest
 import torch
 
 from models import build_model
-from models.engine import (
+from models.inference.engine import BoxPromptEngine
+from models.inference.pipelines import (
     LITEMEDSAM_CVPR24,
     MEDFICIENTSAM_DOCKER,
     MEDFICIENTSAM_SRC_INFER,
     MEDSAM_MFS,
-    BoxPromptEngine,
 )
 from reference import assert_segs_match, load_npz, make_state_dict, require_data, require_reference
 from helpers import harness_cli
@@ -63,7 +63,7 @@ def seed0_models():
 def _run(model, config, case):
     data = load_npz("cases", f"{case}.npz")
     if case.startswith("3D"):
-        config = config.with_options(cache_slice_embeddings=True)
+        config = config.fast_variant()  # each slice encoded once; the same masks
     return BoxPromptEngine(model, config).segment(data["imgs"], data["boxes"])
 
 
@@ -99,7 +99,7 @@ FAST_CASES = [("litemedsam", c) for c in CASES] + [("l0", c) for c in CASES] + [
 
 
 def _backend(backend: str):
-    from models.backends import missing_packages
+    from harness.choices import missing_packages
 
     missing = [] if backend == "torch" else missing_packages(backend)
     reason = f"needs {', '.join(missing)} (pip install 'medsam-harness[backends]')"
@@ -112,7 +112,7 @@ def _backend(backend: str):
 def test_fast_path_matches_upstream(seed0_models, name, case, backend, export_cache_dir, monkeypatch):
     """The fast path on torch and on openvino (what ``--backend auto`` picks where it is installed)
     gives the upstream segs within the reference bars, for every model."""
-    from models.segmenters import TorchSegmenter
+    from models.inference.segmenters import TorchSegmenter
 
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(export_cache_dir))  # test_backends' exports, same keys
     data = load_npz("cases", f"{case}.npz")
@@ -154,7 +154,7 @@ def test_harness_run_all_five_models(tmp_path):
     torch.save(make_state_dict("medficientsam_l0", 0), files["l0"])  # plain state_dict
     torch.save({"state_dict": {f"model.{k}": v for k, v in make_state_dict("medficientsam_l1", 0).items()},
                 "epoch": 1}, files["l1"])  # Lightning layout
-    from models.checkpoints import save_harness_checkpoint
+    from models.weights.checkpoints import save_harness_checkpoint
 
     save_harness_checkpoint(files["l2"], "l2", make_state_dict("medficientsam_l2", 0))  # training output
 

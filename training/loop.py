@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from harness.atomic import atomic_writer
 
-from models.engine import cpu_bf16_support
+from models.hardware import cpu_bf16_support
 
 from .config import TrainConfig
 

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoints import Checkpoint, check_state, read_checkpoint, save_harness_checkpoint
-from models.medficientsam import INPUT_SIZE, build_efficientvit_encoder
-from models.registry import build_model
-from models.zoo import prompt_parts
+from models.builders import INPUT_SIZE, build_efficientvit_encoder, build_model
+from models.weights.checkpoints import Checkpoint, check_state, read_checkpoint, save_harness_checkpoint
+from models.weights.zoo import prompt_parts
 
 from .config import TrainConfig
 from .losses import SAMLoss
@@ -48,15 +47,15 @@ def _weights_for(name: str, path: Optional[Path]) -> Path:
             raise FileNotFoundError(f"{name} weights not found: {path}")
         return path
     if name == "litemedsam":
-        from models.checkpoints import default_litemedsam_checkpoint
+        from models.weights.checkpoints import default_litemedsam_checkpoint
 
         return default_litemedsam_checkpoint()
     raise FileNotFoundError(f"the {name} teacher needs its weights: pass {name}=PATH (e.g. medsam=medsam_vit_b.pth)")
 
 
 def load_full_model(name: str, path: Path) -> nn.Module:
-    """A registered model with the weights in ``path`` (any layout models.checkpoints reads)."""
-    from models.checkpoints import load_weights
+    """A registered model with the weights in ``path`` (any layout models.weights.checkpoints reads)."""
+    from models.weights.checkpoints import load_weights
 
     return load_weights(build_model(name), path).eval()
 

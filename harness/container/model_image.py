@@ -28,7 +28,7 @@ from harness.container.layers import ensure_runtime_image, prune_untagged
 def image_parts(model: str, weights: Mapping[str, Path]) -> dict[str, Path]:
     """Weights of the segmenters a model is built from (a distilled student's decoder donor), baked into
     its image beside its own."""
-    from models.zoo import DONORS
+    from models.weights.zoo import DONORS
 
     if not model.endswith("-distilled"):
         return {}
@@ -101,7 +101,7 @@ def check_model(model: str, weights: Path | None, extra: Mapping[str, Path]) -> 
 
     spec = HarnessPlugins().get(model)
     if weights is None:
-        from models.zoo import find_weights
+        from models.weights.zoo import find_weights
 
         found = find_weights(model, LoadOptions())
         weights = Path(found) if found else None
@@ -190,7 +190,7 @@ def build_image(
             add_bytes(tar, "predict.sh", predict_sh.encode(), mode=0o755)
             for name, (path, file) in sorted(baked.items()):
                 add_file(tar, f"weights/{file}", path)
-            if export is not None:  # <cache key>/<openvino folder>/, as models.backends looks it up
+            if export is not None:  # <cache key>/<openvino folder>/, as models.export.backends looks it up
                 for path in sorted(export.iterdir()):
                     add_file(tar, f"exports/{export.parent.name}/{export.name}/{path.name}", path)
         log(f"{model}: building {tag} from {runtime}"

@@ -1,4 +1,5 @@
-"""Native runner: records, errors that do not stop the run, resume after SIGKILL, leaderboard."""
+"""The run driver (``harness run`` on the native runner): records, errors that do not stop the run, resume
+after SIGKILL, leaderboard."""
 from __future__ import annotations
 
 import json
@@ -133,6 +134,7 @@ SLOW_PLUGIN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # several `harness run` processes, killed and rerun
 def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tmp_path):
     env = install_fake_plugin(tmp_path / "site", "slowfill_plugin", SLOW_PLUGIN, "slowfill", "0.1", "slowfill")
     out = tmp_path / "out"
@@ -312,6 +314,7 @@ def test_peak_rss_sampler_fallback(monkeypatch):
     assert peak.method == "sampler" and peak.mb > 200
 
 
+@pytest.mark.slow  # several `harness run` processes, killed and rerun
 def test_repeated_sigkill_at_random_moments_never_loses_or_duplicates(tmp_path):
     """Kill fast runs (about 20 ms per case) at random moments, so kills land inside segs writes,
     record appends and leaderboard writes too; then finish and check the store."""

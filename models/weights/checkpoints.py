@@ -30,7 +30,7 @@ refuses it and explains how to convert it.
 
 An "encoder-only" checkpoint (a distilled student) has only ``image_encoder.*`` keys; it is
 completed with a teacher's prompt encoder and mask decoder by the model's loader (see
-:func:`models.zoo.load_distilled`).
+:func:`models.weights.zoo.load_distilled`).
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def _signature(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str,
 @functools.lru_cache(maxsize=None)
 def _model_signature(name: str) -> dict[str, tuple[int, ...]] | None:
     """Keys and shapes of registered model ``name``, built on the meta device (no memory)."""
-    from .registry import build_model
+    from models.builders import build_model
 
     try:
         with torch.device("meta"):
@@ -338,7 +338,7 @@ def _model_signature(name: str) -> dict[str, tuple[int, ...]] | None:
 def identify(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Registered models whose state_dict (or, for an encoder-only state, whose image encoder)
     has exactly these keys and shapes."""
-    from .registry import list_models
+    from models.builders import list_models
 
     wanted = _signature(state)
     encoder_only = bool(wanted) and all(k.startswith("image_encoder.") for k in wanted)

@@ -1,7 +1,7 @@
 """Per-model image / box / mask transforms for box-prompted SAM-style inference.
 
 Everything here is a small pure function (numpy, torch or cv2) so that each upstream
-pipeline can be assembled from the same parts by :mod:`models.engine`.  The upstream
+pipeline can be assembled from the same parts by :mod:`models.inference.engine`.  The upstream
 pipelines these functions reproduce (read in bowang-lab/MedSAM, branch LiteMedSAM, and hieplpvip/medficientsam):
 
 * LiteMedSAM, ``CVPR24_LiteMedSAM_infer.py``: cv2 INTER_AREA letterbox on uint8 HWC,
@@ -74,7 +74,7 @@ def resize_bilinear_u8(image: torch.Tensor, new_h: int, new_w: int) -> torch.Ten
 
     On CPU, torch computes uint8 bilinear with a separable fixed-point kernel: a horizontal
     pass and then a vertical pass, each with integer weights ``round(w * 2**p)`` and
-    round-half-up back to uint8 in between (a numpy model in tests/test_engine_e2e.py
+    round-half-up back to uint8 in between (a numpy model in tests/test_inference_pipelines.py
     reproduces it bit for bit).  So this is neither floor nor round of the float result;
     about 20% of pixels differ by 1 from ``round(float bilinear)``.  We call the same torch
     op as upstream instead of re-deriving it.

@@ -9,32 +9,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoints import Checkpoint, check_state, read_checkpoint
 from models.complexity import count_parameters, measure_compute
-from models.engine import BoxPromptEngine, PipelineConfig
-from models.optimize import fold_batchnorm, to_channels_last
-from models.registry import build_model
+from models.export.optimize import fold_batchnorm, to_channels_last
+from models.inference.engine import BoxPromptEngine
+from models.inference.pipelines import PipelineConfig
+from models.weights.checkpoints import Checkpoint, check_state
 
 
 class TorchSegmenter:
-    """A registered torch model run through the shared :class:`~models.engine.BoxPromptEngine`."""
+    """A registered torch model run through the shared :class:`~models.inference.engine.BoxPromptEngine`."""
 
     def __init__(self, model_name: str, model: torch.nn.Module, config: PipelineConfig, weights: str,
                  path: str | None = None, precision: str = "fp32", backend: str = "torch"):
         """``path`` (``"faithful"`` / ``"fast"``, see :meth:`PipelineConfig.for_path`) overrides the
         execution path of ``config``; None keeps it.  ``precision`` (``"fp32"`` / ``"bf16"``) is the
-        image encoder's arithmetic (see :class:`~models.engine.BoxPromptEngine`); ``backend``
+        image encoder's arithmetic (see :class:`~models.inference.engine.BoxPromptEngine`); ``backend``
         (``"torch"`` / ``"onnxruntime"`` / ``"openvino"``, or ``"auto"``: see
-        :func:`models.backends.resolve_backend`) what executes the encoder and decoder: another
-        backend runs graphs exported from ``model`` (:mod:`models.backends`), cached by the weights
+        :func:`harness.choices.resolve_backend`) what executes the encoder and decoder: another
+        backend runs graphs exported from ``model`` (:mod:`models.export.backends`), cached by the weights
         file's hash.  When ``"auto"`` picked openvino and the export or compile fails, the segmenter
         warns and runs on torch (``describe()["backend_fallback"]`` says why); an explicitly named
         backend that fails raises.  The segmenter owns ``model``: on the fast torch path it is
-        rewritten in place (BatchNorm folded into convs, :mod:`models.optimize`); on an export
+        rewritten in place (BatchNorm folded into convs, :mod:`models.export.optimize`); on an export
         backend its weights are released once exported (the module is moved to the ``meta`` device:
         the graphs hold the weights, and a second copy would cost memory), and :meth:`describe`
         still counts its parameters and FLOPs.  Pass a copy to keep the original."""
-        from models.backends import resolve_backend
+        from harness.choices import resolve_backend
 
         if path is not None:
             config = config.for_path(path)
@@ -56,7 +56,7 @@ class TorchSegmenter:
         self._facts: tuple | None = None  # (params, Compute) of the model as loaded, for describe()
         executor = self.model
         if self.backend != "torch":
-            from models.backends import compile_backend
+            from models.export.backends import compile_backend
 
             try:
                 executor = compile_backend(self.backend, self.model, config.input_size, precision=precision,
@@ -80,13 +80,6 @@ class TorchSegmenter:
                 to_channels_last(self.model)
         self.engine = BoxPromptEngine(executor, config, precision=precision if self.backend == "torch" else "fp32",
                                       device=None if self.backend == "torch" else "cpu")
-
-    @classmethod
-    def from_checkpoint(cls, model_name: str, path: str | Path, config: PipelineConfig, options=None) -> "TorchSegmenter":
-        """Build ``model_name``, load ``path`` (any layout of :func:`models.checkpoints.read_checkpoint`,
-        weights_only=True, strict) and wrap it with ``config``."""
-        checkpoint = read_checkpoint(path, allow_pickle=bool(getattr(options, "allow_pickle", False)))
-        return cls.from_state(model_name, build_model(model_name), checkpoint, config, options)
 
     @classmethod
     def from_state(cls, name: str, model: torch.nn.Module, checkpoint: Checkpoint, config: PipelineConfig,

@@ -1,9 +1,10 @@
-"""Every registered model, timm-style: build, strict load of generated weights in every checkpoint
-layout users hold, forward at its input size.
+"""Every model of the registry (``models.builders.MODELS``), timm-style: build, strict load of generated
+weights, forward at its input size; and every checkpoint layout users hold.
 
-Generated weights come from the reference folder's ``make_weights.py`` (seed 1 here, so nothing
-depends on the seed-0 vectors). MedSAM (93.7M parameters, ~10 s per forward at 1024 on 2 cores)
-is marked slow.
+:func:`test_build_load_forward` needs nothing outside the repository: it writes small seeded weights to a
+medsam-harness weights file and loads that into a fresh build. The layout tests use the reference
+folder's ``make_weights.py`` (seed 1 here, so nothing depends on the seed-0 vectors). MedSAM (93.7M
+parameters, ~10 s per forward at 1024 on 2 cores) is marked slow.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import functools
 import pytest
 import torch
 
-from models import build_model, list_models, load_weights
-from models.checkpoints import read_checkpoint, save_harness_checkpoint
+from models import MODELS, PromptableSAM, build_model, list_models, load_weights
+from models.weights.checkpoints import read_checkpoint, save_harness_checkpoint
 from reference import make_state_dict
 
 MANIFESTS = {"medsam": "medsam_vit_b", "litemedsam": "lite_medsam", "l0": "medficientsam_l0",
@@ -25,6 +26,12 @@ def _slow_medsam(names):
     return [pytest.param(n, marks=pytest.mark.slow) if n == "medsam" else n for n in names]
 
 
+def test_registry_lists_the_five_builtin_models():
+    assert list_models() == sorted(MODELS) == ["l0", "l1", "l2", "litemedsam", "medsam"]
+    with pytest.raises(ValueError, match="unknown model 'nope'; known models: l0, l1, l2, litemedsam, medsam"):
+        build_model("nope")
+
+
 def test_every_registered_model_has_a_reference_manifest():
     assert set(list_models()) == set(MANIFESTS)
 
@@ -34,14 +41,33 @@ def _weights(name: str) -> dict:
     return make_state_dict(MANIFESTS[name], 1)
 
 
-@pytest.mark.parametrize("name", _slow_medsam(sorted(MANIFESTS)))
-def test_build_load_forward(name):
-    model = build_model(name)
-    assert not model.training
+def _small_weights(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded weights of ``model``'s shapes, small enough that activations stay finite (BatchNorm
+    variances positive, integer buffers kept)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in model.state_dict().items():
+        if not value.is_floating_point():
+            state[key] = value.clone()
+        elif key.endswith("running_var"):
+            state[key] = 1.0 + torch.rand(value.shape, generator=gen)
+        else:
+            state[key] = 0.02 * torch.randn(value.shape, generator=gen)
+    return state
+
+
+@pytest.mark.parametrize("name", _slow_medsam(sorted(MODELS)))
+def test_build_load_forward(name, tmp_path):
+    built = build_model(name)
+    assert isinstance(built, PromptableSAM) and not built.training
+    weights = _small_weights(built, seed=0)
+    path = save_harness_checkpoint(tmp_path / f"{name}.pt", name, weights)
+    model = load_weights(build_model(name), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
     info = model.info
     assert info.name == name and model.prompt_encoder.input_image_size == (info.prompt_size, info.prompt_size)
-    model.load_state_dict(_weights(name), strict=True)
-    image = torch.rand(1, 3, info.input_size, info.input_size)
+    image = torch.rand(1, 3, info.input_size, info.input_size, generator=torch.Generator().manual_seed(1))
     boxes = torch.tensor([[10.0, 20.0, 90.0, 120.0], [0.0, 0.0, 40.0, 40.0]]) * info.prompt_size / 256
     with torch.inference_mode():
         embedding = model.image_encoder(image)
@@ -49,6 +75,7 @@ def test_build_load_forward(name):
     assert embedding.shape == (1, 256, 64, 64)
     assert low_res.shape == (2, 1, 256, 256) and iou.shape == (2, 1)
     assert torch.isfinite(low_res).all() and torch.isfinite(iou).all()
+    assert low_res.std() > 0  # the weights reach the output: not a constant map
     with torch.device("meta"):  # identification of checkpoints builds models without memory
         assert list(build_model(name).state_dict()) == list(model.state_dict())
 

@@ -1,5 +1,6 @@
-"""The shared box-prompt engine: preprocessing parts, 3D planning/propagation, and end-to-end
-parity with the upstream LiteMedSAM pipelines.
+"""The inference pipelines (``models.inference``): preprocessing parts, the presets, 3D
+planning/propagation in the box-prompt engine, and end-to-end parity with the upstream LiteMedSAM
+pipelines.
 
 End-to-end references live in ``shared/reference/lite_medsam`` (see its README):
 ``e2e_<case>.npz`` (CVPR24_LiteMedSAM_infer.py, seed-0 weights), ``e2e_<case>__src_infer_py.npz``
@@ -19,19 +20,19 @@ import pytest
 import torch
 from torch import nn
 
-from models.segmenter_module import ModelInfo, PromptableSAM
-from models import preprocess as pp
-from models.engine import (
+from models.inference import preprocess as pp
+from models.inference.engine import BoxPromptEngine
+from models.inference.pipelines import (
     LITEMEDSAM_CVPR24,
     LITEMEDSAM_SRC_INFER,
     MEDFICIENTSAM_DOCKER,
     MEDFICIENTSAM_SRC_INFER,
     MEDSAM_MFS,
     PRESETS,
-    BoxPromptEngine,
     PipelineConfig,
     z_plan,
 )
+from models.nets.promptable_sam import ModelInfo, PromptableSAM
 from reference import assert_segs_match, load_npz, make_state_dict, require_reference
 
 CASES = ("2DBox_Mammography_demo", "3DBox_Synthetic_demo")
@@ -385,9 +386,7 @@ def test_3d_slice_cache_same_result_fewer_encodes():
     boxes = np.array([[20, 20, 1, 60, 60, 6], [30, 30, 2, 90, 90, 7], [0, 0, 0, 10, 10, 1]])
     plain_model, cached_model = _StubSAM(), _StubSAM()
     plain = BoxPromptEngine(plain_model, LITEMEDSAM_CVPR24).segment(vol, boxes)
-    cached = BoxPromptEngine(cached_model, LITEMEDSAM_CVPR24.with_options(cache_slice_embeddings=True)).segment(
-        vol, boxes
-    )
+    cached = BoxPromptEngine(cached_model, LITEMEDSAM_CVPR24.fast_variant()).segment(vol, boxes)
     np.testing.assert_array_equal(plain, cached)
     assert cached_model.image_encoder.calls == 8 < plain_model.image_encoder.calls
     assert cached_model.prompt_encoder.seen == plain_model.prompt_encoder.seen
@@ -442,6 +441,6 @@ def test_litemedsam_e2e_matches_upstream(lite_models, case, config, weights, suf
     ref = load_npz("lite_medsam", f"e2e_{case}{suffix}.npz")["segs"]
     data = load_npz("cases", f"{case}.npz")
     if case.startswith("3D"):
-        config = config.with_options(cache_slice_embeddings=True)
+        config = config.fast_variant()  # each slice encoded once; the same masks
     segs = BoxPromptEngine(lite_models(weights), config).segment(data["imgs"], data["boxes"])
     assert_segs_match(segs, ref)

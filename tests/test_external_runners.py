@@ -381,19 +381,10 @@ def _build_team_image(client, tag: str, mode: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def docker_images(docker_client):
-    """The harness's images of boxfill and litemedsam (built once, reused) and two tiny team images."""
-    from harness.pluginmanager import HarnessPlugins
-    from harness.runners.case import load_options, model_info
-    from harness.runners.docker import harness_image
-
-    plugins = HarnessPlugins()
-    tags = {}
-    for model in ("boxfill", "litemedsam"):
-        spec = plugins.get(model)
-        config = RunConfig(models=[model], data_dir=DEMO, out_dir=Path("."), runner="docker")
-        info = model_info(spec, spec.load(load_options(spec, config, 2)).describe(), plugins, [])
-        tags[model] = harness_image(docker_client, model, config, info, log=lambda _: None)
+def docker_images(docker_client, harness_images):
+    """The harness's images of boxfill and litemedsam (the session's ``harness_images``) and two tiny
+    team images, by tag."""
+    tags = {model: info.tag for model, info in harness_images.items()}
     tags["team"] = _build_team_image(docker_client, "medsam-harness-test/team-good:latest", "good")
     tags["bad"] = _build_team_image(docker_client, "medsam-harness-test/team-bad:latest", "bad")
     yield tags

@@ -1,277 +1,35 @@
 """One box-prompt inference engine (2D images and 3D slice propagation) for SAM-style models.
 
-The engine takes any module with the interface of :class:`models.segmenter_module.PromptableSAM`::
+The engine takes any module with the interface of :class:`models.nets.promptable_sam.PromptableSAM`::
 
     model.image_encoder(x)                      (B, 3, S, S) float32 -> (B, 256, 64, 64)
     model.decode_boxes(embedding, boxes)        (1, 256, 64, 64), (B, 4) in the prompt frame
                                                 -> (low_res (B, 1, 256, 256), iou (B, 1))
 
-and a :class:`PipelineConfig`.  Every difference between the upstream pipelines is a config
-field, and the named presets below pin the combination each upstream script uses.
+and a :class:`~models.inference.pipelines.PipelineConfig` (the presets live in
+:mod:`models.inference.pipelines`).
 """
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from . import preprocess as pp
+from models.hardware import cpu_bf16_support
+from models.inference import preprocess as pp
+from models.inference.pipelines import LITEMEDSAM_CVPR24, PipelineConfig, z_plan
+from models.inference.slice_cache import SliceCache, _nbytes
 
 __all__ = [
-    "PipelineConfig",
     "BoxPromptEngine",
     "EngineStats",
     "PRECISIONS",
-    "cpu_bf16_support",
-    "SliceCache",
-    "EXECUTION_PATHS",
-    "LITEMEDSAM_CVPR24",
-    "LITEMEDSAM_SRC_INFER",
-    "MEDFICIENTSAM_DOCKER",
-    "MEDFICIENTSAM_SRC_INFER",
-    "MEDSAM_MFS",
-    "PRESETS",
-    "z_plan",
 ]
 
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Options that distinguish the upstream box-prompt pipelines.
-
-    input_size      letterbox side fed to the image encoder (256 / 512 / 1024).
-    prompt_size     frame the boxes are scaled into: ``int(b * prompt_size / max(H, W))``.
-    resize          ``"area"``: cv2 INTER_AREA on uint8 HWC + float64 min-max (LiteMedSAM);
-                    ``"bilinear_u8"``: torch bilinear on the uint8 tensor + float32 min-max
-                    (medficientsam).
-    postprocess     ``"crop_resize"``: crop the 256 logits then resize to (H, W) (LiteMedSAM);
-                    ``"upsample_crop_resize"``: 256 -> S, crop, resize to (H, W) (medficientsam).
-    threshold       ``"sigmoid"``: ``sigmoid > 0.5`` (LiteMedSAM); ``"logit"``: ``> 0``.
-    z_range         ``"inclusive"``: slices z_middle..z_max and z_middle-1..z_min, both ends
-                    included and clipped to the volume (LiteMedSAM);
-                    ``"exclusive"``: z_middle..z_max-1 and z_middle-1..z_min (medficientsam).
-    z_middle        ``"lite"``: ``int((z_max - z_min) / 2 + z_min)``;
-                    ``"mfs"``: ``(z_min + z_max) // 2`` on float32 values.
-    propagate_box   ``"prev_mask_256_shift3"``: previous slice's label mask letterboxed with
-                    INTER_AREA, padded, bbox grown by ``propagate_shift`` and clamped to the
-                    input frame (LiteMedSAM); ``"prev_mask_tight"``: tight bbox of the previous
-                    slice's mask at original resolution, rescaled like the input boxes
-                    (medficientsam).  Empty previous mask -> the slice box given as input.
-    propagate_shift bbox growth for ``prev_mask_256_shift3`` (upstream: 3).
-    clamp_z         clamp z_min/z_max to [0, D] before planning (medficientsam src/infer.py).
-                    Without it an ``"exclusive"`` plan indexes exactly as upstream does
-                    (negative z wraps, z >= D raises IndexError).
-    batch_boxes_2d  decode all 2D boxes in one decoder call (src/infer.py) instead of one
-                    call per box (the challenge/Docker scripts).
-    cache_slice_embeddings
-                    reuse a slice's embedding across the boxes of one 3D case.  No upstream
-                    torch pipeline does this (False = upstream behaviour); the encoder is
-                    deterministic, so it only changes run time.
-    fast            the fast execution path (False = the faithful path, the upstream call
-                    pattern).  Same pipeline semantics, fewer and larger model calls.
-                    3D: before propagation the engine lists the slices the boxes' z-plans visit,
-                    in order (the embeddings depend on the slice alone); a slice not yet encoded
-                    is encoded together with the next planned slices not yet encoded (at most
-                    ``encoder_batch`` per encoder call) into a per-case cache shared by all
-                    boxes, which holds owned copies, each until its last planned visit, within
-                    ``cache_mb`` (an entry that does not fit is not kept and its slice is
-                    encoded again at its next visit: never more encodes than the faithful path).
-                    Within the budget, every slice of a case is encoded exactly once.
-                    2D: the boxes of an image in decoder calls of ``decoder_batch`` boxes.
-                    Batched encoder / decoder calls can differ from one-at-a-time calls in the
-                    last float bits (different matmul blocking); the masks are the same within
-                    the reference bars (tests/test_fast_path.py).
-    encoder_batch   most slices per encoder call on the fast path.  Default 1: on CPU, batching
-                    4 LiteMedSAM slices per call was slower than one at a time (harness bench, README
-                    Performance); the cache still encodes each slice once.  Larger batches are for
-                    accelerators (``fast_variant(encoder_batch=4)``, ``harness bench`` variant ``fast+b4``).
-    decoder_batch   most 2D boxes per decoder call on the fast path.  Default 1: SAM's decoder repeats
-                    the image embedding per box, so a batch saves no arithmetic, and on CPU 35 boxes in
-                    one call took 1.5x as long per box as one at a time on torch (same on OpenVINO;
-                    README Performance).  ``fast_variant(decoder_batch=N)``, bench variant ``fast+dN``.
-    fold_batchnorm  on the fast path, fold each BatchNorm that follows a conv into the conv
-                    (:func:`models.optimize.fold_batchnorm`, done by the segmenter that owns the
-                    model, after loading its weights).
-    channels_last   on the fast path, keep the model's 4D weights channels-last
-                    (:func:`models.optimize.to_channels_last`).
-    cache_mb        byte budget of the slice-embedding cache (MiB), for the fast path and for
-                    ``cache_slice_embeddings`` (which keeps every slice until the case ends,
-                    evicting the least recently used entry when full).
-    """
-
-    name: str = "custom"
-    input_size: int = 256
-    prompt_size: int = 256
-    resize: str = "area"
-    postprocess: str = "crop_resize"
-    threshold: str = "sigmoid"
-    z_range: str = "inclusive"
-    z_middle: str = "lite"
-    propagate_box: str = "prev_mask_256_shift3"
-    propagate_shift: int = 3
-    clamp_z: bool = False
-    batch_boxes_2d: bool = False
-    cache_slice_embeddings: bool = False
-    fast: bool = False
-    encoder_batch: int = 1
-    decoder_batch: int = 1
-    cache_mb: float = 1024.0
-    fold_batchnorm: bool = True
-    channels_last: bool = False
-
-    def __post_init__(self) -> None:
-        choices = {
-            "resize": ("area", "bilinear_u8"),
-            "postprocess": ("crop_resize", "upsample_crop_resize"),
-            "threshold": ("sigmoid", "logit"),
-            "z_range": ("inclusive", "exclusive"),
-            "z_middle": ("lite", "mfs"),
-            "propagate_box": ("prev_mask_256_shift3", "prev_mask_tight"),
-        }
-        for field_name, allowed in choices.items():
-            if getattr(self, field_name) not in allowed:
-                raise ValueError(f"{field_name}={getattr(self, field_name)!r}; expected one of {allowed}")
-        if self.propagate_box == "prev_mask_256_shift3" and self.prompt_size != self.input_size:
-            raise ValueError("prev_mask_256_shift3 builds boxes in the input frame; needs prompt_size == input_size")
-        if self.postprocess == "crop_resize" and self.input_size != 256:
-            raise ValueError("crop_resize crops the 256x256 logits; needs input_size == 256")
-        if int(self.encoder_batch) < 1:
-            raise ValueError(f"encoder_batch must be >= 1, got {self.encoder_batch}")
-        if int(self.decoder_batch) < 1:
-            raise ValueError(f"decoder_batch must be >= 1, got {self.decoder_batch}")
-        if self.cache_mb < 0:
-            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
-
-    def with_options(self, **changes) -> "PipelineConfig":
-        return replace(self, **changes)
-
-    @property
-    def path(self) -> str:
-        """The execution path: ``"fast"`` or ``"faithful"``."""
-        return "fast" if self.fast else "faithful"
-
-    def fast_variant(self, **changes) -> "PipelineConfig":
-        """This pipeline on the fast execution path (same semantics, batched and cached calls)."""
-        return replace(self, fast=True, **changes)
-
-    def faithful_variant(self) -> "PipelineConfig":
-        """This pipeline on the faithful execution path (the upstream call pattern)."""
-        return replace(self, fast=False)
-
-    def for_path(self, path: str) -> "PipelineConfig":
-        """``fast_variant()`` or ``faithful_variant()`` by name (one of :data:`EXECUTION_PATHS`)."""
-        if path not in EXECUTION_PATHS:
-            raise ValueError(f"execution path {path!r}; expected one of {EXECUTION_PATHS}")
-        return self.fast_variant() if path == "fast" else self.faithful_variant()
-
-    @property
-    def caches_slices(self) -> bool:
-        return self.fast or self.cache_slice_embeddings
-
-    def boxes_per_decoder_call(self, n_boxes: int) -> int:
-        """2D boxes per decoder call: ``decoder_batch`` on the fast path; on the faithful path all of
-        them with ``batch_boxes_2d`` (src/infer.py), else one (the challenge/Docker scripts)."""
-        if self.fast:
-            return int(self.decoder_batch)
-        return max(1, n_boxes) if self.batch_boxes_2d else 1
-
-
-EXECUTION_PATHS = ("faithful", "fast")
-
-
-# LiteMedSAM challenge baseline: bowang-lab/MedSAM@LiteMedSAM CVPR24_LiteMedSAM_infer.py
-# (reference: shared/reference/lite_medsam/e2e_<case>.npz).
-LITEMEDSAM_CVPR24 = PipelineConfig(
-    name="litemedsam_cvpr24",
-    input_size=256,
-    prompt_size=256,
-    resize="area",
-    postprocess="crop_resize",
-    threshold="sigmoid",
-    z_range="inclusive",
-    z_middle="lite",
-    propagate_box="prev_mask_256_shift3",
-    clamp_z=False,
-    batch_boxes_2d=False,
-)
-
-# medficientsam Docker submission: infer_scripts/infer_torch.py (512 / prompt 512, per-box 2D decode,
-# no z clamp) (reference: shared/reference/medficientsam_l{0,1,2}/e2e_<case>.npz).
-MEDFICIENTSAM_DOCKER = PipelineConfig(
-    name="medficientsam_docker",
-    input_size=512,
-    prompt_size=512,
-    resize="bilinear_u8",
-    postprocess="upsample_crop_resize",
-    threshold="logit",
-    z_range="exclusive",
-    z_middle="mfs",
-    propagate_box="prev_mask_tight",
-    clamp_z=False,
-    batch_boxes_2d=False,
-)
-
-# medficientsam src/infer.py with experiment=infer_finetuned_l{0,1,2} (512 / prompt 512, batched 2D,
-# z clamped) (reference: shared/reference/medficientsam_l{0,1,2}/e2e_<case>__src_infer_py.npz).
-MEDFICIENTSAM_SRC_INFER = MEDFICIENTSAM_DOCKER.with_options(
-    name="medficientsam_src_infer", clamp_z=True, batch_boxes_2d=True
-)
-
-# medficientsam src/infer.py + MedSAMInferDataset with experiment=infer_lite_medsam (256 / prompt 256)
-# (reference: shared/reference/lite_medsam/e2e_<case>__src_infer_py.npz).
-LITEMEDSAM_SRC_INFER = MEDFICIENTSAM_SRC_INFER.with_options(
-    name="litemedsam_src_infer", input_size=256, prompt_size=256
-)
-
-# MedSAM ViT-B as medficientsam runs it: src/infer.py with experiment=infer_medsam (letterbox 1024,
-# prompt 1024) (reference: shared/reference/medsam_vit_b/e2e_<case>.npz).  Not MedSAM's own
-# squash-resize MedSAM_Inference.py.
-MEDSAM_MFS = MEDFICIENTSAM_SRC_INFER.with_options(name="medsam_mfs", input_size=1024, prompt_size=1024)
-
-PRESETS: Dict[str, PipelineConfig] = {
-    c.name: c
-    for c in (LITEMEDSAM_CVPR24, LITEMEDSAM_SRC_INFER, MEDFICIENTSAM_DOCKER, MEDFICIENTSAM_SRC_INFER, MEDSAM_MFS)
-}
-
-
-def z_plan(z_min, z_max, depth: int, config: PipelineConfig) -> Tuple[int, List[int], List[int]]:
-    """(z_middle, upward slices, downward slices) for one 3D box, as the upstream loops run them.
-
-    The upward list starts at z_middle (prompted with the given box); every later slice is
-    prompted from its neighbour towards z_middle.  Indices are returned as upstream computes
-    them (an unclamped ``"exclusive"`` plan can contain negative z, which index from the end).
-    """
-    if config.clamp_z:
-        z_min = max(z_min, 0)
-        z_max = min(z_max, depth)
-    if config.z_middle == "lite":
-        z_mid = int((z_max - z_min) / 2 + z_min)
-    else:  # medficientsam keeps boxes as float32 tensors
-        z_mid = float(np.floor_divide(np.float32(z_max) + np.float32(z_min), np.float32(2)))
-    if config.z_range == "inclusive":
-        upward = list(range(int(z_mid), min(int(z_max) + 1, depth)))
-        downward = list(range(int(z_mid) - 1, max(-1, int(z_min) - 1), -1))
-    else:
-        upward = list(range(int(z_mid), int(z_max)))
-        downward = list(range(int(z_mid - 1), int(z_min - 1), -1))
-    return int(z_mid), upward, downward
-
-
 PRECISIONS = ("fp32", "bf16")
-
-
-def cpu_bf16_support() -> bool:
-    """True when this CPU does bf16 arithmetic natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo's
-    flags); read at run time, never assumed.  Without it torch emulates bf16, slower than fp32."""
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 @dataclass
@@ -282,9 +40,8 @@ class EngineStats:
     images_encoded    images (2D) and slices (3D) encoded, summed over those calls;
     encoder_batches   the batch size of each encoder call, in order;
     decoder_calls     prompt encoder + mask decoder calls (a batch of boxes is one call);
-    cache_hits / cache_misses / cache_evictions
-                      slice-embedding cache lookups that found / missed an entry, and entries
-                      dropped for the byte budget;
+    cache_hits / cache_misses
+                      slice-embedding cache lookups that found / missed an entry;
     peak_cache_bytes  the most bytes the slice cache held at any time;
     encoder_seconds   wall time spent inside image-encoder calls (for the encoder's GFLOP/s);
     """
@@ -295,7 +52,6 @@ class EngineStats:
     decoder_calls: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
-    cache_evictions: int = 0
     peak_cache_bytes: int = 0
     encoder_seconds: float = 0.0
 
@@ -303,73 +59,9 @@ class EngineStats:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
 
 
-class SliceCache:
-    """Per-case slice embeddings, bounded by ``budget_bytes`` with LRU eviction.
-
-    Entries are owned copies (never views of a batch output or of a tensor someone else holds),
-    and :meth:`get` hands out a fresh copy, so a caller that modifies the embedding it received
-    cannot change what a later box sees (the aliasing bug of medficientsam's C++ cache).
-    """
-
-    def __init__(self, budget_bytes: int, stats: EngineStats):
-        self.budget_bytes = int(budget_bytes)
-        self.stats = stats
-        self._entries: "OrderedDict[int, torch.Tensor]" = OrderedDict()
-        self.bytes = 0
-
-    def __contains__(self, key: int) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: int) -> Optional[torch.Tensor]:
-        entry = self._entries.get(key)
-        if entry is None:
-            self.stats.cache_misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.stats.cache_hits += 1
-        return entry.clone()
-
-    def pop(self, key: int) -> torch.Tensor:
-        """Remove and return the entry itself (the caller owns it from now on); a cache hit."""
-        entry = self._entries.pop(key)
-        self.bytes -= _nbytes(entry)
-        self.stats.cache_hits += 1
-        return entry
-
-    def put(self, key: int, embedding: torch.Tensor, evict: bool = True) -> bool:
-        """Store an owned copy of ``embedding``, evicting least recently used entries to make room
-        (``evict=False``: store only if it fits as is); False if nothing was stored."""
-        size = _nbytes(embedding)
-        if size > self.budget_bytes:
-            return False
-        if key in self._entries:
-            self.bytes -= _nbytes(self._entries.pop(key))
-        if not evict and self.bytes + size > self.budget_bytes:
-            return False
-        while self._entries and self.bytes + size > self.budget_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= _nbytes(old)
-            self.stats.cache_evictions += 1
-        self._entries[key] = embedding.clone(memory_format=torch.contiguous_format)
-        self.bytes += size
-        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.bytes)
-        return True
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
-
-
 # One (1, 256, 64, 64) float32 embedding: the engine's model interface, assumed until the first
 # encoder call of an engine shows the real size.
 _ASSUMED_EMBEDDING_BYTES = 256 * 64 * 64 * 4
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 class BoxPromptEngine:
@@ -530,7 +222,7 @@ class BoxPromptEngine:
     def begin_volume(self, volume: np.ndarray, boxes: Optional[np.ndarray] = None) -> None:
         """Start a 3D case; on the fast path ``boxes`` gives the slice visit plan."""
         self._volume = volume
-        budget = int(self.config.cache_mb * 2**20) if self.config.caches_slices else 0
+        budget = int(self.config.cache_mb * 2**20) if self.config.fast else 0
         self._slice_cache = SliceCache(budget, self.stats)
         self._new_size = pp.letterbox_size(volume.shape[1], volume.shape[2], self.config.input_size)
         self._plan: Optional[List[int]] = None
@@ -579,11 +271,11 @@ class BoxPromptEngine:
     def encode_slice(self, z: int) -> torch.Tensor:
         """Embedding (1, 256, 64, 64) of slice z of the current volume.
 
-        Faithful path: recomputed at every visit, as upstream does (or, with
-        ``cache_slice_embeddings``, kept in the bounded cache for the rest of the case).
-        Fast path: see :meth:`_encode_planned`.
+        Faithful path: recomputed at every visit, as upstream does.  Fast path: see
+        :meth:`_encode_planned` (without a visit plan, each slice is kept in the bounded cache for
+        the rest of the case while it fits).
         """
-        if not self.config.caches_slices:
+        if not self.config.fast:
             return self.encode(self.slice_tensor(z))
         key = self._slice_key(z)
         if key is None:
@@ -636,10 +328,10 @@ class BoxPromptEngine:
         # encoded slice serves at least one visit and the fast path never encodes more than the
         # faithful one.  Slices due soonest (the look-ahead) take the room first.
         for row, ahead in enumerate(batch[1:], start=1):
-            cache.put(ahead, embeddings[row : row + 1], evict=False)
+            cache.put(ahead, embeddings[row : row + 1])
         own = embeddings if len(batch) == 1 else embeddings[:1].clone()  # never a view of the batch
         if not last_visit:
-            cache.put(key, own, evict=False)  # stores its own copy
+            cache.put(key, own)  # stores its own copy
         return own
 
     def segment_slice(self, z: int, prompt_box: np.ndarray) -> np.ndarray:

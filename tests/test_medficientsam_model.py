@@ -159,7 +159,7 @@ def test_small_input_runs_quadratic_branch():
 # --------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v if v == "l0" else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
 def test_parity_with_upstream_synthetic_weights(variant):
     key = _model_key(variant)
     ref = load_npz(key, "case_seed0.npz")

@@ -282,6 +282,7 @@ def test_litemedsam_matches_native(ray_env, tmp_path):
 # --- 2. a two-node cluster ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a second Ray node
 def test_two_node_cluster_records_each_node(ray_env, tmp_path, monkeypatch):
     """Two Ray nodes on this machine (1 CPU each), joined by address: cases land on both, each record names
     its node; the runner only disconnects from a cluster it joined."""
@@ -336,6 +337,7 @@ def _kill_first_busy_worker(token: str, after_s: float, killed: list) -> threadi
     return thread
 
 
+@pytest.mark.slow  # SIGKILLs a Ray worker and waits for its replacement
 def test_worker_killed_mid_case_is_replaced_and_the_case_retried(ray_env, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYTEST_SLEEP", "1")
     out = tmp_path / "out"
@@ -353,6 +355,7 @@ def test_worker_killed_mid_case_is_replaced_and_the_case_retried(ray_env, tmp_pa
     assert not _wait_gone(ray_env["token"])
 
 
+@pytest.mark.slow  # SIGKILLs two Ray workers
 def test_a_case_that_kills_its_worker_twice_is_an_error_naming_the_node(ray_env, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYTEST_CRASH", "US_hc18")
     out = tmp_path / "out"

@@ -54,6 +54,7 @@ def distilled(one_case, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # the `distilled` fixture trains L0 against LiteMedSAM for 6 steps
 def test_distillation_lowers_embedding_mse(distilled):
     losses = [float(r["loss"]) for r in _log(distilled)]
     assert len(losses) == 6
@@ -62,6 +63,7 @@ def test_distillation_lowers_embedding_mse(distilled):
     assert config["teacher"] == "litemedsam" and config["bf16"] is False
 
 
+@pytest.mark.slow  # needs the `distilled` training run
 def test_distilled_weights_complete_with_the_teacher(distilled):
     from models.weights.checkpoints import read_checkpoint
     from models.weights.zoo import load_medficientsam
@@ -72,6 +74,7 @@ def test_distilled_weights_complete_with_the_teacher(distilled):
     assert segmenter.model.info.prompt_size == 256  # LiteMedSAM's prompt encoder and decoder
 
 
+@pytest.mark.slow  # a distillation, a fine-tuning and a `harness run`
 def test_finetuning_lowers_loss_and_runs_in_harness(distilled, one_case, tmp_path):
     out = tmp_path / "finetune"
     cfg = PRESETS["finetune_l0"].override(**{**SMALL, "lr": 1e-4, "steps": 4, "mask_num": 2, "augment": "none",
@@ -93,6 +96,7 @@ def test_finetuning_lowers_loss_and_runs_in_harness(distilled, one_case, tmp_pat
     assert models[entry]["checkpoint_format"] == "harness" and models[entry]["pipeline"] == "medficientsam_docker"
 
 
+@pytest.mark.slow  # three L0 distillation runs on the demo set
 def test_resume_equals_uninterrupted(tmp_path):
     """4 steps straight == 2 steps, stop, --resume, 2 more (same weights within 1e-6)."""
     cfg = _distill_cfg(steps=4, batch_size=1, augment="flips")

@@ -1,6 +1,6 @@
 """Loading the exported OpenVINO graphs of a box-prompt model (no torch, no exporter).
 
-An export folder (made by the harness's ``--backend openvino``, see ``models/backends.py``: under
+An export folder (made by the harness's ``--backend openvino``, see the exporter of the ``models`` package: under
 ``$HARNESS_CACHE_DIR/exports`` or ``~/.cache/medsam-harness/exports/<key>/openvino-<S>px-v<N>-<fp>/``)
 holds two OpenVINO IR graphs and a ``manifest.json``:
 

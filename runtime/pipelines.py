@@ -1,6 +1,6 @@
 """Pipeline presets: what distinguishes the upstream box-prompt scripts, and the 3D z-plan.
 
-The fields and presets are the harness engine's (``models/engine.py``, ``PipelineConfig``), restricted to
+The fields and presets are the harness engine's (``PipelineConfig`` in the ``models`` package), restricted to
 what changes the masks; the runtime always runs the engine's fast path (each slice of a 3D case encoded
 once, one box per decoder call), which gives the same masks as the upstream call pattern.
 

@@ -1,6 +1,6 @@
 """Image, box and mask transforms of the box-prompt pipelines, in numpy and OpenCV (no torch).
 
-They compute what the harness engine's transforms compute (``models/preprocess.py``), which reproduce
+They compute what the harness engine's transforms compute (the preprocessing module of the ``models`` package), which reproduce
 the upstream scripts (bowang-lab/MedSAM@LiteMedSAM ``CVPR24_LiteMedSAM_infer.py``; hieplpvip/medficientsam
 ``infer_scripts/infer_torch.py`` and ``src/infer.py``):
 

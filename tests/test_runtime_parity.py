@@ -86,6 +86,13 @@ def segmenters(export_home, tmp_path_factory):
     return get
 
 
+def _assert_same_pipeline(harness_segmenter, runtime_segmenter) -> None:
+    """The runtime's preset has every mask-relevant field of the engine's pipeline, with the same value."""
+    config = harness_segmenter.config
+    for field, value in runtime_segmenter.pipeline.as_dict().items():
+        assert getattr(config, field) == value, (field, getattr(config, field), value)
+
+
 def _demo(name: str):
     return load_case(DEMO / f"{name}.npz")
 
@@ -94,6 +101,7 @@ def test_litemedsam_2d_demo_case_and_predict_without_torch(segmenters, tmp_path)
     """LiteMedSAM (released weights), 2D demo case: the runtime's segs equal the harness's within the
     bars, in process and through ``python -m runtime.predict`` in an interpreter where torch never loads."""
     harness_segmenter, runtime_segmenter, folder = segmenters("litemedsam", "released")
+    _assert_same_pipeline(harness_segmenter, runtime_segmenter)
     case = _demo("2DBox_Endoscopy_kvasir-cju0rx1ida")
     expected = harness_segmenter.segment(case)
     got = runtime_segmenter.segment(case.imgs, case.boxes)
@@ -136,6 +144,7 @@ def test_seed0_weights_every_model(segmenters, name, case):
     """Every built-in model with the reference seed-0 weights; on the reference cases also against the
     upstream pipeline's masks."""
     harness_segmenter, runtime_segmenter, _ = segmenters(name, "seed0")
+    _assert_same_pipeline(harness_segmenter, runtime_segmenter)
     if case in REFERENCE_CASES:
         reference_case = load_case(require_reference("cases", f"{case}.npz"))
         got = runtime_segmenter.segment(reference_case.imgs, reference_case.boxes)

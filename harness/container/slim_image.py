@@ -32,7 +32,7 @@ from typing import Mapping
 
 from harness import __version__
 from harness.container.common import (
-    LABEL, MODEL_REPOSITORY, RECIPE_VERSION, UID, USER, VENV, WORKSPACE, ImageBuildError, ImageInfo, Log,
+    LABEL, RECIPE_VERSION, UID, USER, VENV, WORKSPACE, ImageBuildError, ImageInfo, Log,
     cache_dir, file_sha256, image_exists, locked, mb, normalize_tag, recipe_digest,
 )
 
@@ -229,7 +229,7 @@ def build_slim_image(model: str, tag: str | None = None, weights: Path | None = 
     ``/opt/graphs`` on the slim runtime image; ``compile_cache`` adds an OpenVINO compiled-model cache made
     by compiling the graphs once in a container of the image (committed as one more layer)."""
     from harness.container.client import connect
-    from harness.container.layers import _image_conf, prune_untagged, run_and_commit
+    from harness.container.layers import prune_untagged, run_and_commit
     from harness.container.model_image import add_bytes, add_file, stream_build
 
     client = client if client is not None else connect()

@@ -1,0 +1,181 @@
+"""Start-up cost per case, as the challenge times it: the same cases in process, in a fresh process per case
+and in a fresh container per case (full and slim images), one after another in one run.
+
+    python bench/bench_startup.py --model litemedsam [--cases DIR] [--limit N] [--no-docker] [--out FILE.md]
+
+Rows (each case once per row kind):
+
+* ``in-process harness``: the harness's fast path on OpenVINO (``--backend openvino``), model loaded once;
+* ``in-process runtime``: the torch-free runtime (``runtime/``) on the same exported graphs, loaded once;
+* ``subprocess harness`` / ``subprocess runtime``: ``harness predict`` / ``python -m runtime.predict`` in a
+  fresh interpreter per case (interpreter start, imports, model load, the case, the write);
+* ``docker full`` / ``docker slim``: the challenge's command (``docker container run -m 8G`` with the
+  inputs and outputs mounted, ``/bin/bash -c "sh predict.sh"``) per case, on the full image
+  (``harness build --runtime full``) and the slim one (``--runtime slim``), built or reused first.
+
+Columns: the case's own seconds (what the process reports for the case alone), end-to-end seconds (wall
+clock around the process or container), their difference (the start-up cost), peak memory (RSS of the
+child, from GNU time; the container's cgroup peak, page cache included) and the image size.  The models'
+masks are not compared here (tests/test_runtime_parity.py and tests/test_runtime_image.py hold them); a
+row whose run failed says so.  Nothing is asserted: it prints, and writes ``--out`` if given.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASE_LINE = re.compile(r"^(?P<name>\S+\.npz): (?P<seconds>[0-9.]+)s ->", re.M)
+
+
+def _child(cmd: list[str], env: dict | None = None) -> tuple[float, int, float | None, str]:
+    """(wall seconds, exit status, peak RSS MB, output) of one child process.
+
+    The peak is GNU time's ``%M`` where /usr/bin/time exists (started from it, the child's high-water mark
+    is its own; a child forked from this large process would inherit this process's at exec), else None."""
+    timer = shutil.which("time", path="/usr/bin")
+    with tempfile.NamedTemporaryFile("r", suffix=".maxrss") as report:
+        wrapped = [timer, "-q", "-f", "%M", "-o", report.name, *cmd] if timer else cmd
+        start = time.perf_counter()
+        done = subprocess.run(wrapped, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        wall = time.perf_counter() - start
+        text = report.read().strip().splitlines() if timer else []
+    peak = float(text[-1]) / 1024.0 if text and text[-1].isdigit() else None
+    return wall, done.returncode, peak, done.stdout
+
+
+def _case_seconds(log: str, name: str) -> float | None:
+    for match in CASE_LINE.finditer(log):
+        if match.group("name") == name:
+            return float(match.group("seconds"))
+    return None
+
+
+def _import_seconds(module: str) -> float:
+    """Wall seconds of ``python -c "import <module>"`` (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        wall, code, _, out = _child([sys.executable, "-c", f"import {module}"])
+        if code != 0:
+            raise RuntimeError(f"import {module} failed: {out[-500:]}")
+        best = min(best, wall)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="litemedsam")
+    parser.add_argument("--weights", type=Path, default=None, help="the model's weights (default: what harness run uses)")
+    parser.add_argument("--cases", type=Path, default=ROOT / "harness" / "demo" / "imgs")
+    parser.add_argument("--limit", type=int, default=None, help="first N cases by name")
+    parser.add_argument("--threads", type=int, default=None, help="threads for every row (default: the machine's)")
+    parser.add_argument("--no-docker", action="store_true", help="skip the container rows")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+
+    from harness.cases import discover_cases, load_case
+    from harness.pluginmanager import HarnessPlugins
+    from harness.profiling import cpu_name, default_threads
+    from harness.specs import LoadOptions
+    from runtime.predict import load_segmenter
+
+    cases = discover_cases(args.cases)[: args.limit]
+    threads = args.threads or default_threads()
+    rows: list[dict] = []
+    lines = [f"# Start-up cost per case: {args.model}, {len(cases)} case(s), {threads} threads, {cpu_name()}, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    imports = {m: _import_seconds(m) for m in ("runtime.predict, openvino, cv2", "harness.cli, torch")}
+    lines += [f"- `import {m}`: {s:.2f} s" for m, s in imports.items()] + [""]
+
+    # In process: the harness's fast path on openvino, and the runtime on the graphs it exported.
+    spec = HarnessPlugins().get(args.model)
+    segmenter = spec.load(LoadOptions(weights=args.weights, threads=threads, path="fast", backend="openvino"))
+    graphs = Path(segmenter.describe()["export"])
+    runtime = load_segmenter(graphs, pipeline=segmenter.describe()["pipeline"], threads=threads)
+    for path in cases:
+        case = load_case(path)
+        start = time.perf_counter()
+        segmenter.segment(case)
+        rows.append(dict(kind="in-process harness", case=path.name, own=time.perf_counter() - start))
+        start = time.perf_counter()
+        runtime.segment(case.imgs, case.boxes)
+        rows.append(dict(kind="in-process runtime", case=path.name, own=time.perf_counter() - start))
+    del segmenter, runtime
+
+    weights_args = ["--weights", str(args.weights)] if args.weights else []
+    commands = {
+        "subprocess harness": lambda i, o: [sys.executable, "-m", "harness.cli", "predict", "--model", args.model,
+                                            "--backend", "openvino", "--threads", str(threads), *weights_args,
+                                            "-i", i, "-o", o],
+        "subprocess runtime": lambda i, o: [sys.executable, "-m", "runtime.predict", "--graphs", str(graphs),
+                                            "--threads", str(threads), "-i", i, "-o", o],
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        tmp = Path(tmp)
+        for kind, command in commands.items():
+            for path in cases:
+                inputs, outputs = tmp / "in", tmp / "out"
+                shutil.rmtree(inputs, ignore_errors=True)
+                shutil.rmtree(outputs, ignore_errors=True)
+                inputs.mkdir()
+                shutil.copy(path, inputs / path.name)
+                wall, code, peak, out = _child(command(str(inputs), str(outputs)))
+                rows.append(dict(kind=kind, case=path.name, own=_case_seconds(out, path.name), e2e=wall, peak=peak,
+                                 failed=None if code == 0 else f"exit {code}: {out[-300:]}"))
+
+        if not args.no_docker:
+            from harness.container.client import connect
+            from harness.container.slim_image import build_model_image
+            from harness.runners.docker import DockerExecutor
+
+            client = connect()
+            weights = {"weights": args.weights} if args.weights else {}
+            for runtime_kind in ("full", "slim"):
+                info = build_model_image(runtime_kind, args.model, client=client, log=lambda line: None, **weights)
+                executor = DockerExecutor(client, info.tag, SimpleNamespace(memory="8g", timeout=None))
+                for path in cases:
+                    case_dir = tmp / f"{runtime_kind}-{path.stem}"
+                    inputs, outputs, work = case_dir / "in", case_dir / "out", case_dir / "work"
+                    for folder in (inputs, outputs, work):
+                        folder.mkdir(parents=True)
+                    outputs.chmod(0o777)  # the images run as uid 1000
+                    shutil.copy(path, inputs / path.name)
+                    outcome = executor.execute(inputs, outputs, work)
+                    rows.append(dict(kind=f"docker {runtime_kind}", case=path.name,
+                                     own=_case_seconds(outcome.log, path.name), e2e=outcome.seconds,
+                                     peak=outcome.peak_mb, image=info.size_bytes / 1e6,
+                                     failed=outcome.problem))
+
+    lines += ["| run | case | case s | end-to-end s | start-up s | peak MB | image MB |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    fmt = lambda v, f="{:.2f}": "" if v is None else f.format(v)  # noqa: E731
+    for row in rows:
+        startup = row["e2e"] - row["own"] if row.get("e2e") is not None and row.get("own") is not None else None
+        note = f" (failed: {row['failed'][:80]})" if row.get("failed") else ""
+        lines.append(f"| {row['kind']}{note} | {row['case']} | {fmt(row.get('own'))} | {fmt(row.get('e2e'))} | "
+                     f"{fmt(startup)} | {fmt(row.get('peak'), '{:.0f}')} | {fmt(row.get('image'), '{:.0f}')} |")
+    # Mean start-up cost per row kind
+    lines += ["", "| run | mean start-up s per case |", "| --- | ---: |"]
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        costs = [r["e2e"] - r["own"] for r in rows if r["kind"] == kind and r.get("e2e") is not None
+                 and r.get("own") is not None]
+        if costs:
+            lines.append(f"| {kind} | {sum(costs) / len(costs):.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

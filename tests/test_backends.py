@@ -224,6 +224,7 @@ def test_release_mapped_pages(tmp_path):
     assert backends.release_mapped_pages(tmp_path / "absent.bin") == 0
 
 
+@pytest.mark.slow  # exports and compiles L0
 def test_openvino_releases_the_ir_weights_pages(seeded_models, export_root):
     """After compiling, the IR's weights file is not counted twice in RSS: its mapped pages are given
     back (:func:`models.export.runtimes.release_mapped_pages`); the plugin keeps its repacked copy, and
@@ -438,6 +439,7 @@ def _run_script(tmp_path: Path, body: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # a fresh Python process exports to ONNX and OpenVINO
 def test_export_runs_in_a_child_process(tmp_path):
     """The exporter never enters the harness's process (it keeps its memory: models/export/exporter.py
     _run_job); the child's errors come back as RuntimeError naming what failed."""
@@ -456,6 +458,7 @@ def test_export_runs_in_a_child_process(tmp_path):
     assert not list(tmp_path.glob(".job-*"))  # the job's folder is gone
 
 
+@pytest.mark.slow  # a fresh Python process exports to ONNX
 def test_model_of_a_main_script_exports_in_this_process(tmp_path):
     """A model class defined in the running script (``__main__``) pickles, but the child cannot import
     it: the export then runs in the script's own process."""

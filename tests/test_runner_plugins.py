@@ -256,6 +256,7 @@ def _one_2d_case(tmp_path: Path) -> Path:
     return data
 
 
+@pytest.mark.slow  # `harness run`, `predict` and `build` processes, each loading LiteMedSAM
 def test_auto_falls_back_to_torch_under_run_predict_and_build(tmp_path, broken_export, capsys):
     from harness.cli import main
     from harness.container.model_image import check_model  # the host-side load of `harness build`

@@ -6,6 +6,8 @@
 * :mod:`.wheelhouse`: the runtime dependencies' wheels, downloaded once per requirement set.
 * :mod:`.layers`: the deps image (venv with the dependencies) and the runtime image (plus the project).
 * :mod:`.model_image`: a model's image (weights, ``predict.sh``, baked exports): ``build_image``.
+* :mod:`.slim_image`: a model's slim image: the torch-free ``runtime`` package on its exported OpenVINO
+  graphs.
 * :mod:`.archives`: ``docker save | gzip`` archives as the challenge exchanges them: ``export_image``,
   ``load_image``.
 

@@ -55,13 +55,26 @@ def test_not_even_batch_one_fits_names_the_figures_and_flags():
     assert f"{need.need_mb(1):,.0f} MB" in text and "num_workers=0" in text and "fit_memory=false" in text
 
 
+class _Noisy:
+    """Images drawn from the global generator, as augmentations draw."""
+
+    def __init__(self, items: int):
+        self.items = items
+
+    def __len__(self):
+        return self.items
+
+    def __getitem__(self, i):
+        return {"image": torch.rand(3, 256, 256)}
+
+
 class _ConvTask:
     """A task whose activations grow with the batch: a 3x3 conv stack on 3 x 256 x 256 images."""
 
     def __init__(self, items: int = 4):
-        gen = torch.Generator().manual_seed(0)
-        self.dataset = [{"image": torch.rand(3, 256, 256, generator=gen)} for _ in range(items)]
-        self.module = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+        self.dataset = _Noisy(items)
+        self.module = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                    nn.Conv2d(32, 32, 3, padding=1))
 
     def loss(self, module, batch):
         return {"loss": module(batch["image"]).square().mean()}
@@ -75,9 +88,10 @@ def _autocast(device, enabled):
     return nullcontext()
 
 
-def test_the_probe_measures_memory_per_item_and_leaves_no_gradients():
+def test_the_probe_measures_memory_per_item_and_leaves_no_trace():
     task = _ConvTask()
-    before = [p.detach().clone() for p in task.module.parameters()]
+    before = [t.detach().clone() for t in task.module.state_dict().values()]
+    rng = torch.get_rng_state()
     need = measure_step(task, task.module, torch.device("cpu"), False, 0, _collate, lambda b, d: b, _autocast)
     # each item carries two 32 x 256 x 256 float32 activations (8 MB each) kept for backward
     assert need.per_item_mb > 8
@@ -85,7 +99,9 @@ def test_the_probe_measures_memory_per_item_and_leaves_no_gradients():
     params = sum(p.numel() for p in task.module.parameters())
     assert need.optimizer_mb == pytest.approx(2 * params * 4 / 2**20)
     assert all(p.grad is None for p in task.module.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, task.module.parameters()))
+    # weights and BatchNorm's running statistics as they were, the generator where it was
+    assert all(torch.equal(a, b) for a, b in zip(before, task.module.state_dict().values()))
+    assert torch.equal(rng, torch.get_rng_state())
 
 
 def test_fit_to_memory_lowers_the_batch_and_says_so():
@@ -112,3 +128,27 @@ def test_fit_memory_false_and_cuda_devices_keep_the_configuration():
 
 def test_presets_fit_memory_by_default():
     assert preset("finetune_l0").fit_memory and preset("distill_l0").fit_memory
+
+
+def test_the_trainer_trains_with_the_fitted_batch(monkeypatch, tmp_path):
+    """Trainer fits the batch before its first step: the micro-batches it draws have the fitted size, the
+    sampler still advances by the effective batch, and the saved configuration says what ran."""
+    import training.memory as memory
+    from training.loop import DistInfo, Trainer
+
+    task = _ConvTask(items=8)
+    task.num_items = len(task.dataset)
+    need = measure_step(task, task.module, torch.device("cpu"), False, 0, _collate, lambda b, d: b, _autocast)
+    monkeypatch.setattr(memory, "available_mb", lambda: need.need_mb(2) / (1 - HEADROOM) + need.per_item_mb / 2)
+    said = []
+    cfg = TrainConfig(batch_size=4, grad_accum=1, num_workers=0, steps=1, precision="fp32", schedule="constant")
+    trainer = Trainer(cfg, task, tmp_path, DistInfo(), torch.device("cpu"), log=said.append, progress=False)
+    assert (trainer.cfg.batch_size, trainer.cfg.grad_accum) == (2, 2)
+    assert any("batch 2 x grad_accum 2" in line for line in said)
+    seen = []
+    loss = task.loss
+    task.loss = lambda module, batch: (seen.append(batch["image"].shape[0]), loss(module, batch))[1]
+    task.export = lambda module, path: path
+    trainer.train()
+    assert seen == [2, 2]  # one step of 4 items in two micro-batches
+    assert trainer.sampler.state_dict() == {"epoch": 0, "position": 4}  # advanced by the effective batch

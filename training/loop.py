@@ -37,6 +37,7 @@ from harness.atomic import atomic_writer
 from models.hardware import cpu_bf16_support
 
 from .config import TrainConfig
+from .memory import fit_to_memory
 
 CHECKPOINT_FORMAT = "medsam-harness/train-state"
 
@@ -130,6 +131,9 @@ class Trainer:
         if hasattr(task, "to"):  # frozen parts the task keeps outside the trainable module (a teacher)
             task.to(device)
         module = task.module.to(device)
+        # On a CPU, a batch that would not fit in memory is split into grad_accum micro-batches (training/memory.py).
+        self.cfg = cfg = fit_to_memory(cfg, task, module, device, self.bf16, _collate, _to_device, autocast,
+                                       log=self.log)
         if dist_info.world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)

@@ -19,15 +19,18 @@ with no message. So before the first step on a CPU, :func:`fit_to_memory`
 
 ``--set fit_memory=false`` turns this off. CUDA runs are left as configured: the CUDA allocator raises
 an out-of-memory error that names itself, rather than being killed. The probe's gradients are
-discarded; it changes neither the weights nor the sampler.
+discarded and BatchNorm's running statistics and the random generators restored: it changes neither the
+weights nor the sampler nor the augmentations that follow.
 """
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import psutil
 import torch
 from torch import nn
@@ -99,6 +102,10 @@ def measure_step(task: Any, module: nn.Module, device: torch.device, bf16: bool,
     peaks = []
     item_mb = 0.0
     was_training = module.training
+    # The probe must leave no trace: BatchNorm's running statistics move in a training forward pass, and the
+    # dataset's augmentations draw from the random generators.
+    buffers = {name: buf.detach().clone() for name, buf in module.named_buffers()}
+    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     module.train()
     for size in sizes:
         batch = to_device(collate([dataset[i] for i in range(size)]), device)
@@ -113,6 +120,12 @@ def measure_step(task: Any, module: nn.Module, device: torch.device, bf16: bool,
         del batch, terms
     for p in module.parameters():
         p.grad = None
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            buf.copy_(buffers[name])
+    torch.set_rng_state(rng[0])
+    np.random.set_state(rng[1])
+    random.setstate(rng[2])
     module.train(was_training)
     per_item = max(peaks[1] - peaks[0], 0.0) if len(peaks) == 2 else 0.0
     trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)

@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, data: list[Path], out: Path, resume: bool = False, d
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             with atomic_writer(out / "config.json", "w") as fh:
-                json.dump({**cfg.to_dict(), "data": [str(d) for d in data], "items": len(items),
+                json.dump({**trainer.cfg.to_dict(), "data": [str(d) for d in data], "items": len(items),
                            "world_size": info.world_size, "device": str(dev), "bf16": trainer.bf16}, fh, indent=2)
         return trainer.train(resume=resume)
     finally:

@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from harness.cases import Case, discover_cases, load_case
+from harness.cases import Case, CaseError, discover_cases, load_case
 from harness.choices import EXPORT_BACKENDS, PATHS, PRECISIONS
 from harness.metrics import dice_per_label
 from harness.pluginmanager import HarnessPlugins
@@ -189,8 +189,13 @@ class BenchConfig:
     allow_pickle: bool = False
 
 
-def _cases(config: BenchConfig) -> list[tuple[Case, str]]:
-    cases = [load_case(p) for p in discover_cases(config.data_dir, config.limit)]
+def _cases(config: BenchConfig, log: Callable[[str], None] = print) -> list[tuple[Case, str]]:
+    cases = []
+    for path in discover_cases(config.data_dir, config.limit):
+        try:
+            cases.append(load_case(path))
+        except CaseError as exc:  # a bench measures speed: an unreadable case is left out, and said so
+            log(f"skipped {exc}")
     out = [(c, f"{c.dim}D") for c in cases]
     volumes = [c for c in cases if c.dim == 3]
     if config.multibox and volumes:
@@ -216,7 +221,7 @@ def run_bench(config: BenchConfig, plugins: HarnessPlugins | None = None, log: C
     if cpu_bf16_support():
         peaks["bf16"] = matmul_peak_gflops(threads, "bf16")
     log(f"matmul peak on {threads} threads: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
-    cases = _cases(config)
+    cases = _cases(config, log)
     measurements: list[Measurement] = []
     notes: dict[str, str] = {}
     for spec in specs:

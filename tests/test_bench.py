@@ -153,3 +153,15 @@ def test_bench_cli_takes_the_model_sources_run_takes(tmp_path, monkeypatch):
         {"l0": weights}, tmp_path, True, 1)
     with pytest.raises(SystemExit, match=r"harness bench: --weights-dir .*absent: no such folder"):
         main(["bench", "--models", "l0", "--weights-dir", str(tmp_path / "absent")])
+
+
+def test_unreadable_cases_are_left_out_of_a_bench_and_named(tmp_path):
+    from harness.benchmark import BenchConfig, _cases
+
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(DEMO / "imgs" / "2DBox_US_hc18-158.npz", tmp_path / "imgs")
+    (tmp_path / "imgs" / "2DBox_US_dangling.npz").symlink_to(tmp_path / "nowhere.npz")
+    said = []
+    cases = _cases(BenchConfig(models=["boxfill"], data_dir=tmp_path, out_dir=tmp_path / "out", multibox=0), said.append)
+    assert [c.name for c, _ in cases] == ["2DBox_US_hc18-158.npz"]
+    assert len(said) == 1 and "2DBox_US_dangling.npz" in said[0] and "dangling" in said[0]

@@ -151,7 +151,8 @@ class DockerExecutor:
             problem = with_log(f"out of memory: the container was killed at its {self.memory} memory limit "
                                 f"(exit status {code}, OOMKilled)", log)
         elif code == 137:
-            problem = with_log("the container was killed (exit status 137, SIGKILL; out of memory?)", log)
+            problem = with_log("the container was killed (exit status 137, SIGKILL; the engine did not report it "
+                               "OOMKilled)", log)
         elif code != 0:
             problem = with_log(f"the container exited with status {code}", log)
         peak_mb = peak / (1024.0 * 1024.0) if peak is not None else None

@@ -337,7 +337,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     for model in models:
         try:
             info = build_model_image(args.runtime, model, tag=args.tag, weights=weights.get(model), client=client,
-                                     log=_stderr, extra_weights=image_parts(model, weights))
+                                     log=_stderr, extra_weights=image_parts(model, weights),
+                                     compile_cache=args.compile_cache)
         except (ImageBuildError, ValueError, FileNotFoundError, UnknownSegmenterError) as exc:
             print(f"harness build: {model}: {exc}", file=sys.stderr)
             failed += 1
@@ -369,7 +370,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     try:
         info = build_model_image(args.runtime, args.model, tag=args.tag, weights=weights.get(args.model),
-                                 client=client, log=_stderr, extra_weights=image_parts(args.model, weights))
+                                 client=client, log=_stderr, extra_weights=image_parts(args.model, weights),
+                                 compile_cache=args.compile_cache)
         export_image(client, info.tag, out, team, log=_stderr)
     except (ImageBuildError, ValueError) as exc:
         print(f"harness export: {exc}", file=sys.stderr)
@@ -385,6 +387,8 @@ def _add_image_parsers(sub) -> None:
     runtime_help = ("slim: the torch-free runtime on the model's exported OpenVINO graphs (numpy, OpenCV, "
                     "OpenVINO; tag <model>:<version>-slim); full: torch and the whole harness running `harness "
                     "predict`; auto (default): slim for the models that run on exported graphs, else full")
+    cache_help = ("slim images: leave out the OpenVINO compiled-model cache made at build time (smaller by about "
+                  "the graphs' size; each case then compiles the graphs at start-up, 0.4-0.8 s more here)")
     p = sub.add_parser("build", help="build challenge-style Docker images of segmenters (one per model)",
                        description="Build one image per model on Debian bookworm with a non-root user and "
                                    "/workspace/predict.sh. Slim (--runtime slim, the default for models that "
@@ -397,6 +401,7 @@ def _add_image_parsers(sub) -> None:
     p.add_argument("--tag", help="image tag (one model only; default medsam-harness/<model>:<version>)")
     p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH", help=weights_help)
     p.add_argument("--runtime", choices=("auto", "slim", "full"), default="auto", help=runtime_help)
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help=cache_help)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("export", help="save a model's image as <team>:latest in a team.tar.gz for the challenge",
@@ -410,6 +415,7 @@ def _add_image_parsers(sub) -> None:
     p.add_argument("--tag", help="tag of the model image (default medsam-harness/<model>:<version>)")
     p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH", help=weights_help)
     p.add_argument("--runtime", choices=("auto", "slim", "full"), default="auto", help=runtime_help)
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help=cache_help)
     p.set_defaults(func=cmd_export)
 
 

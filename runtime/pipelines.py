@@ -68,6 +68,11 @@ class Pipeline:
         if self.postprocess == "crop_resize" and self.input_size != 256:
             raise ValueError(f"pipeline {self.name}: crop_resize crops the 256x256 logits; needs input_size == 256")
 
+    @property
+    def needs_opencv(self) -> bool:
+        """Whether this pipeline resizes with OpenCV (INTER_AREA letterbox or propagated box)."""
+        return self.resize == "area" or self.propagate_box == "prev_mask_256_shift3"
+
     def with_options(self, **changes) -> "Pipeline":
         return replace(self, **changes)
 

@@ -1,4 +1,5 @@
-"""Image, box and mask transforms of the box-prompt pipelines, in numpy and OpenCV (no torch).
+"""Image, box and mask transforms of the box-prompt pipelines, in numpy and OpenCV (no torch; OpenCV only
+for LiteMedSAM's INTER_AREA letterbox, imported when first used).
 
 They compute what the harness engine's transforms compute (the preprocessing module of the ``models`` package), which reproduce
 the upstream scripts (bowang-lab/MedSAM@LiteMedSAM ``CVPR24_LiteMedSAM_infer.py``; hieplpvip/medficientsam
@@ -20,7 +21,6 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 
 __all__ = [
@@ -58,7 +58,11 @@ def ensure_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def resize_area_u8(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
-    """cv2 INTER_AREA resize (the LiteMedSAM letterbox); HxW or HxWxC arrays."""
+    """cv2 INTER_AREA resize (the LiteMedSAM letterbox); HxW or HxWxC arrays.  OpenCV is imported here, on
+    first use: only the pipelines with ``resize="area"`` or the ``prev_mask_256_shift3`` box need it
+    (:attr:`runtime.pipelines.Pipeline.needs_opencv`), and the slim images of the others leave it out."""
+    import cv2
+
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
 
 

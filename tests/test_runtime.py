@@ -23,9 +23,10 @@ from runtime.predict import main as predict_main, resolve_pipeline
 
 # ------------------------------------------------------------------------------------- torch-free
 def test_importing_the_runtime_loads_no_torch():
+    """Nor OpenCV, which only LiteMedSAM's letterbox needs (imported at its first call)."""
     code = ("import sys, runtime, runtime.predict, runtime.engine, runtime.graphs, runtime.cases, runtime.preprocess, "
-            "runtime.pipelines, cv2, openvino; "
-            "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'onnx', 'onnxscript', 'harness')])")
+            "runtime.pipelines, openvino; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'onnx', 'onnxscript', 'harness', 'cv2')])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -119,6 +120,8 @@ def test_pipelines_resolve_and_refuse(tmp_path):
     assert Pipeline.resolve("l1") is PRESETS["medficientsam_docker"]
     assert Pipeline.resolve("medsam_mfs").input_size == 1024
     assert set(MODEL_PIPELINES.values()) <= set(PRESETS)
+    assert PRESETS["litemedsam_cvpr24"].needs_opencv and not PRESETS["medficientsam_docker"].needs_opencv
+    assert not PRESETS["medsam_mfs"].needs_opencv and PRESETS["litemedsam_src_infer"].needs_opencv is False
     custom = tmp_path / "p.json"
     custom.write_text(json.dumps({"pipeline": {"name": "x", "input_size": 512, "prompt_size": 1024,
                                                "resize": "bilinear_u8", "postprocess": "upsample_crop_resize",

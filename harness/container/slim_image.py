@@ -2,14 +2,16 @@
 
 Three layers, each built once and reused while its inputs are unchanged:
 
-* **slim deps** (``medsam-harness/slim-deps:<hash>``): the Debian base image plus ``/opt/venv`` with
-  numpy, OpenCV headless and the OpenVINO runtime only, installed offline from the wheelhouse. Trimmed:
+* **slim deps** (``medsam-harness/slim-deps-cv:<hash>``, or ``medsam-harness/slim-deps:<hash>`` for the
+  pipelines that never call OpenCV, e.g. MedficientSAM's and MedSAM's): the Debian base image plus
+  ``/opt/venv`` with numpy, the OpenVINO runtime and, where the model's pipeline needs it (LiteMedSAM's
+  INTER_AREA letterbox), OpenCV headless, installed offline from the wheelhouse. Trimmed:
   OpenVINO's GPU and NPU plugins, its model-conversion tools and every frontend but the IR reader
   (the graphs are IR already), its C++ headers and GPU tuning cache; numpy's test suites and OpenCV's
   Haar cascades. No torch, no compiler, no pip (the venv is made without it) and no pip cache; a
   non-root user ``harness`` (uid 1000) and ``/workspace``.
-* **slim runtime** (``medsam-harness/slim-runtime:<version>-<hash>``): the ``runtime`` package copied into
-  the venv and byte-compiled; the hash covers its source files.
+* **slim runtime** (``medsam-harness/slim-runtime[-cv]:<version>-<hash>``): the ``runtime`` package copied
+  into the venv and byte-compiled; the hash covers its source files.
 * **the model** (``medsam-harness/<model>:<version>-slim``): the graphs the harness exported for the model
   (``--backend openvino``, fast path) in ``/opt/graphs`` with the model's ``pipeline.json``, optionally an
   OpenVINO compiled-model cache made at build time in ``/opt/ov-cache`` (read-only at run time: a blob
@@ -38,7 +40,8 @@ from harness.container.common import (
 
 SLIM_DEPS_REPOSITORY = "medsam-harness/slim-deps"
 SLIM_RUNTIME_REPOSITORY = "medsam-harness/slim-runtime"
-SLIM_PACKAGES = ("numpy", "opencv-python-headless", "openvino")
+SLIM_PACKAGES = ("numpy", "openvino")
+OPENCV_PACKAGE = "opencv-python-headless"
 GRAPHS_DIR = "/opt/graphs"
 COMPILE_CACHE_DIR = "/opt/ov-cache"
 RUNTIMES = ("auto", "slim", "full")
@@ -66,7 +69,7 @@ for f in "$ov"/libs/libopenvino_*_frontend.so*; do
 done
 for d in "$ov"/frontend/*/; do rm -rf "$d"; done
 find "$sp/numpy" -depth -type d -name tests -exec rm -rf {{}} +
-rm -rf "$sp/cv2/data"
+if [ -d "$sp/cv2" ]; then rm -rf "$sp/cv2/data"; fi
 """
 
 SLIM_DEPS_SCRIPT = _PIP_SETUP + """\
@@ -74,7 +77,7 @@ python3 -m venv --without-pip {venv}
 $PIP install -q --no-compile --find-links /wheels {packages}
 {trim}
 {venv}/bin/python -m compileall -q -j 0 {venv}/lib >/dev/null || echo "compileall: some files did not compile"
-{venv}/bin/python -I -c "import numpy, cv2, openvino; assert 'CPU' in openvino.Core().available_devices"
+{venv}/bin/python -I -c "import {modules}; assert 'CPU' in openvino.Core().available_devices"
 if {venv}/bin/python -I -c "import torch" 2>/dev/null; then echo "torch must not be in the slim image"; exit 1; fi
 echo '{user}:x:{uid}:{uid}:medsam-harness:/home/{user}:/bin/bash' >> /etc/passwd
 echo '{user}:x:{uid}:' >> /etc/group
@@ -113,22 +116,30 @@ def _runtime_sources() -> list[Path]:
     return files
 
 
-def ensure_slim_deps_image(client, log: Log = print) -> str:
-    """The tag of the slim dependencies image (base + numpy, OpenCV headless, OpenVINO), built when absent."""
+def _variant(opencv: bool) -> str:
+    return "-cv" if opencv else ""
+
+
+def ensure_slim_deps_image(client, log: Log = print, opencv: bool = True) -> str:
+    """The tag of the slim dependencies image (base + numpy, OpenVINO and, with ``opencv``, OpenCV headless),
+    built when absent."""
     from harness.container.base_image import ensure_base_image
     from harness.container.layers import _image_conf, prune_stale, run_and_commit
     from harness.container.wheelhouse import wheelhouse
 
     base = ensure_base_image(client, log)
     wheels = wheelhouse(log)
-    script = SLIM_DEPS_SCRIPT.format(venv=VENV, packages=" ".join(SLIM_PACKAGES), trim=SLIM_TRIM.format(venv=VENV).strip(),
-                                     user=USER, uid=UID, workspace=WORKSPACE)
+    packages = SLIM_PACKAGES + ((OPENCV_PACKAGE,) if opencv else ())
+    script = SLIM_DEPS_SCRIPT.format(venv=VENV, packages=" ".join(packages), trim=SLIM_TRIM.format(venv=VENV).strip(),
+                                     modules="numpy, openvino" + (", cv2" if opencv else ""), user=USER, uid=UID,
+                                     workspace=WORKSPACE)
+    repository = SLIM_DEPS_REPOSITORY + _variant(opencv)
     digest = recipe_digest({"base": base, "wheelhouse": wheels.name, "script": script, "recipe": RECIPE_VERSION,
                             "slim": SLIM_RECIPE_VERSION})
-    tag = f"{SLIM_DEPS_REPOSITORY}:{digest[:12]}"
+    tag = f"{repository}:{digest[:12]}"
     if image_exists(client, tag):
         return tag
-    with locked(cache_dir() / "slim-deps.lock"):
+    with locked(cache_dir() / f"slim-deps{_variant(opencv)}.lock"):
         if image_exists(client, tag):
             return tag
         started = time.monotonic()
@@ -138,23 +149,24 @@ def ensure_slim_deps_image(client, log: Log = print) -> str:
                        "the slim dependencies image")
         log(f"slim dependencies image: {tag}, {mb(client.images.get(tag).attrs.get('Size', 0))}, "
             f"in {time.monotonic() - started:.0f} s")
-        prune_stale(client, SLIM_DEPS_REPOSITORY, keep=tag, log=log)
+        prune_stale(client, repository, keep=tag, log=log)
     return tag
 
 
-def ensure_slim_runtime_image(client, log: Log = print) -> str:
+def ensure_slim_runtime_image(client, log: Log = print, opencv: bool = True) -> str:
     """The tag of the slim runtime image (slim deps + the ``runtime`` package), built when absent."""
     from harness.container.layers import _image_conf, prune_stale, run_and_commit
 
-    deps = ensure_slim_deps_image(client, log)
+    deps = ensure_slim_deps_image(client, log, opencv)
+    repository = SLIM_RUNTIME_REPOSITORY + _variant(opencv)
     files = _runtime_sources()
     source = recipe_digest({p.name: file_sha256(p) for p in files})
     script = SLIM_RUNTIME_SCRIPT.format(venv=VENV)
     digest = recipe_digest({"deps": deps, "source": source, "script": script, "slim": SLIM_RECIPE_VERSION})
-    tag = f"{SLIM_RUNTIME_REPOSITORY}:{__version__}-{digest[:12]}"
+    tag = f"{repository}:{__version__}-{digest[:12]}"
     if image_exists(client, tag):
         return tag
-    with locked(cache_dir() / "slim-runtime.lock"):
+    with locked(cache_dir() / f"slim-runtime{_variant(opencv)}.lock"):
         if image_exists(client, tag):
             return tag
         started = time.monotonic()
@@ -168,7 +180,7 @@ def ensure_slim_runtime_image(client, log: Log = print) -> str:
                            "the slim runtime image")
         log(f"slim runtime image: {tag}, {mb(client.images.get(tag).attrs.get('Size', 0))}, "
             f"in {time.monotonic() - started:.0f} s")
-        prune_stale(client, SLIM_RUNTIME_REPOSITORY, keep=tag, log=log)
+        prune_stale(client, repository, keep=tag, log=log)
     return tag
 
 
@@ -237,7 +249,9 @@ def build_slim_image(model: str, tag: str | None = None, weights: Path | None = 
     extra = {name: Path(path).expanduser() for name, path in (extra_weights or {}).items() if name != model}
     weights = Path(weights).expanduser() if weights is not None else None
     export, described, pipeline = exported_model(model, weights, extra)
-    runtime = ensure_slim_runtime_image(client, log)
+    from runtime.pipelines import Pipeline
+
+    runtime = ensure_slim_runtime_image(client, log, opencv=Pipeline.from_dict(pipeline).needs_opencv)
     cache_arg = f"--compile-cache {COMPILE_CACHE_DIR} " if compile_cache else ""
     predict_sh = (
         "#!/bin/sh\n"
@@ -301,16 +315,19 @@ def _labels(client, tag: str) -> dict:
 
 
 def build_model_image(runtime: str, model: str, tag: str | None = None, weights: Path | None = None, client=None,
-                      log: Log = print, extra_weights: Mapping[str, Path] | None = None) -> ImageInfo:
+                      log: Log = print, extra_weights: Mapping[str, Path] | None = None,
+                      compile_cache: bool = True) -> ImageInfo:
     """``harness build`` / ``harness export``'s image of ``model``: slim, full, or ``"auto"`` (slim where the
-    model runs on exported OpenVINO graphs, else full, saying why)."""
+    model runs on exported OpenVINO graphs, else full, saying why). ``compile_cache``: see
+    :func:`build_slim_image`."""
     from harness.container.model_image import build_image
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}; expected one of {RUNTIMES}")
     if runtime != "full":
         try:
-            return build_slim_image(model, tag=tag, weights=weights, client=client, log=log, extra_weights=extra_weights)
+            return build_slim_image(model, tag=tag, weights=weights, client=client, log=log, extra_weights=extra_weights,
+                                    compile_cache=compile_cache)
         except SlimUnavailable as reason:
             if runtime == "slim":
                 raise

@@ -62,11 +62,12 @@ def _require(*packages: str) -> None:
 
 def _backend_param(backend: str, *names: str):
     """``pytest.param(*names, backend)``, skipped with the reason when the backend is not installed; marked
-    slow for a model other than LiteMedSAM (exporting a larger encoder takes tens of seconds to minutes)."""
+    slow when it names a model (exporting a real encoder takes tens of seconds to minutes; the fast set
+    exports a tiny model instead)."""
     missing = backends.missing_packages(backend)
     reason = f"backend {backend} needs {', '.join(missing)} (pip install 'medsam-harness[backends]')"
     marks = [pytest.mark.skipif(bool(missing), reason=reason)]
-    if names and names[0] != "litemedsam":
+    if names:
         marks.append(pytest.mark.slow)
     return pytest.param(*names, backend, marks=marks, id="-".join((*names, backend)))
 
@@ -157,6 +158,7 @@ def test_backend_matches_torch(name, backend, seeded_models, export_root):
 
 
 
+@pytest.mark.slow  # exports and compiles LiteMedSAM (shared with its parity test when both run)
 def test_openvino_precision_is_explicit(seeded_models, export_root):
     """fp32 compiles both graphs with an f32 precision hint (OpenVINO's CPU default is bf16 on AMX
     CPUs); bf16 only the encoder, which then stays close to the fp32 embedding."""
@@ -328,6 +330,7 @@ def _files(folder: Path) -> dict:
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
+@pytest.mark.slow  # three exports and two conversions, each in a fresh Python process
 def test_export_cache_reused_and_keyed(tmp_path, monkeypatch):
     _require("onnxruntime", "openvino", "onnx", "onnxscript")
     model = _tiny_model(0)

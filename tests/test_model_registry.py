@@ -4,7 +4,8 @@ weights, forward at its input size; and every checkpoint layout users hold.
 :func:`test_build_load_forward` needs nothing outside the repository: it writes small seeded weights to a
 medsam-harness weights file and loads that into a fresh build. The layout tests use the reference
 folder's ``make_weights.py`` (seed 1 here, so nothing depends on the seed-0 vectors). MedSAM (93.7M
-parameters, ~10 s per forward at 1024 on 2 cores) is marked slow.
+parameters, ~10 s per forward at 1024 on 2 cores) is marked slow, and so are L1 and L2 in
+:func:`test_build_load_forward` (L0 runs the same code at the same input size).
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ FORMATS = ("state_dict", "module_prefix", "wrapped", "lightning", "harness", "pi
 
 def _slow_medsam(names):
     return [pytest.param(n, marks=pytest.mark.slow) if n == "medsam" else n for n in names]
+
+
+def _slow_large(names):
+    """MedSAM, L1 and L2 slow: 10-20 s each to build twice, write, load and run on 2 cores."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in ("medsam", "l1", "l2") else n for n in names]
 
 
 def test_registry_lists_the_five_builtin_models():
@@ -56,7 +62,7 @@ def _small_weights(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]
     return state
 
 
-@pytest.mark.parametrize("name", _slow_medsam(sorted(MODELS)))
+@pytest.mark.parametrize("name", _slow_large(sorted(MODELS)))
 def test_build_load_forward(name, tmp_path):
     built = build_model(name)
     assert isinstance(built, PromptableSAM) and not built.training

@@ -175,6 +175,7 @@ def test_two_distributions_with_one_plugin_name_are_reported(tmp_path, third_par
     assert "medsam-harness" in listing.stdout and "clone-dist" in listing.stdout
 
 
+@pytest.mark.slow  # loads LiteMedSAM, counts its FLOPs and segments a case
 def test_litemedsam_weights_override(tmp_path):
     """--weights litemedsam=PATH loads that file (here: the seed-0 reference weights) instead of the bundled one."""
     import torch

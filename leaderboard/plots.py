@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-__all__ = ["plot_modality_ci", "plot_runtime_vs_dsc", "plot_rank_stability", "pareto_front", "model_colors",
-           "RUNTIME_FLOOR_S"]
+__all__ = ["plot_modality_ci", "plot_runtime_vs_dsc", "plot_rank_stability", "plot_curves", "pareto_front",
+           "model_colors", "RUNTIME_FLOOR_S"]
 
 DPI = 120
 RUNTIME_FLOOR_S = 1e-3  # times below this (boxfill: ~0 s) are drawn at it on the runtime axis
@@ -410,3 +410,37 @@ def _cell(x: float, y: float):
     from matplotlib.patches import Rectangle
 
     return Rectangle((x - 0.5, y - 0.5), 1.0, 1.0, facecolor="0.92", edgecolor="none", zorder=0)
+
+
+# ------------------------------------------------------------------------------------- line curves
+
+def plot_curves(curves: "pd.DataFrame", path: str | os.PathLike, xlabel: str, ylabel: str, title: str,
+                colors: dict | None = None) -> Path:
+    """One line with dots per model: ``curves`` columns ``model`` (the legend), ``x`` and ``y`` (drawn as
+    given: percentages stay percentages). Used for the box-robustness curve (DSC per jitter level) and the
+    interactive protocol's DSC per step. Points with a NaN ``x`` or ``y`` are left out; ValueError when
+    nothing is left."""
+    what = "plot_curves"
+    _check_frame(curves, ("model", "x", "y"), what)
+    df = curves.copy()
+    df["x"] = df["x"].astype(float)
+    df["y"] = df["y"].astype(float)
+    df = df[np.isfinite(df["x"]) & np.isfinite(df["y"])]
+    if df.empty:
+        raise ValueError(f"{what}: no point has a finite 'x' and 'y', nothing to draw")
+    models = list(dict.fromkeys(str(m) for m in df["model"]))
+    colors = _colors(models, colors)
+    fig = new_figure(9, 5.4)
+    ax = fig.subplots()
+    for model in models:
+        sub = df[df["model"].astype(str) == model].sort_values("x")
+        ax.plot(sub["x"], sub["y"], marker="o", color=colors[model], label=model, linewidth=1.6)
+    xs = sorted(set(df["x"]))
+    ax.set_xticks(xs)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(color="0.9", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.set_title(title, fontsize=12)
+    fig.legend(loc="outside right upper", fontsize=9, frameon=False)
+    return save_png(fig, path)

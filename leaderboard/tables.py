@@ -26,6 +26,10 @@ files written beside the markdown and linked from it.
 A segmenter run under more than one ``--runner`` (native in-process, subprocess, docker: separate
 entries such as ``litemedsam[docker]``) also gets a "Runner overhead" table: its mean seconds per case
 under each runner on the cases all of them finished, and the mean per-case differences.
+
+Entries of a box-jitter sweep (``model[jitter=L]``) also get a "Box robustness" table and curve, and
+entries of the interactive protocol an "Interactive protocol" table and DSC-per-step curve
+(:mod:`leaderboard.prompts`); both are in ``summary.json`` too.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from harness.results import (
     write_json_atomic,
     write_text_atomic,
 )
-from leaderboard import stats
+from leaderboard import prompts, stats
 
 
 @dataclass
@@ -262,6 +266,10 @@ def _markdown(frame: pd.DataFrame, models: dict[str, dict], reported: bool = Tru
     overhead = runner_overhead(frame, models)
     if not overhead.empty:
         lines += ["", "## Runner overhead (seconds per case)", "", _overhead_text(overhead)]
+    for section in (prompts.robustness_markdown(prompts.robustness_table(frame)),
+                    prompts.interactive_markdown(prompts.interactive_table(frame))):
+        if section:
+            lines += ["", section]
     for metric, label in (("dsc", "DSC"), ("nsd", "NSD")):
         lines += ["", f"## Per modality: {label} (%, bootstrap 95% CI)", ""]
         lines.append(_modality_table(frame, summary, analysis, metric, models if reported else {}))
@@ -636,6 +644,8 @@ def _summary(frame: pd.DataFrame, models: dict[str, dict], analysis: Analysis) -
         "paired": [{"a": a, "b": b, **{metric: res[metric].as_dict() for metric in res}}
                    for a, b, res in analysis.paired],
         "ranking": analysis.ranking.as_dict() if analysis.ranking is not None else None,
+        "robustness": prompts.robustness_json(prompts.robustness_table(frame)),
+        "interactive": prompts.interactive_json(prompts.interactive_table(frame)),
     }
 
 
@@ -643,6 +653,8 @@ FIGURES = {
     "modality-ci": "Per-modality DSC and NSD with bootstrap 95% CIs",
     "runtime-dsc": "Runtime vs DSC, Pareto front",
     "rank-stability": "Rank stability over bootstrap resamples",
+    "robustness": "Box robustness: DSC per jitter level",
+    "interactive-steps": "Interactive protocol: mean DSC per step",
 }
 
 
@@ -673,6 +685,14 @@ def write_figures(frame: pd.DataFrame, models: dict[str, dict], analysis: Analys
         jobs.append(("rank-stability", lambda data, path, colors: plots.plot_rank_stability(data, path, ranking.rank,
                                                                                            colors),
                      ranking.stability.loc[order]))
+    for key, data, xlabel, title in (
+            ("robustness", prompts.robustness_curves(prompts.robustness_table(frame)), "box jitter level (px)",
+             "DSC (mean of modalities) per box jitter level"),
+            ("interactive-steps", prompts.interactive_step_curves(frame), "step (1: box, then one click each)",
+             "interactive protocol: mean DSC per step")):
+        if not data.empty:
+            jobs.append((key, lambda d, path, colors, x=xlabel, t=title: plots.plot_curves(d, path, x, "DSC (%)", t,
+                                                                                           colors), data))
     for key, plot, data in jobs:
         name = f"{stem}-{key}.png"
         try:

@@ -130,6 +130,12 @@ class Case:
     ``imgs`` is uint8, (H, W, 3) for 2D (grey images are repeated to 3 channels) or (D, H, W) for 3D.
     ``boxes`` is (N, 4) or (N, 6), in the file's numeric dtype (integers stay integers), with boxes
     partly outside the image clipped to it (each clip is listed in ``warnings``).
+
+    Interactive prompts (the 2025 protocol, :mod:`harness.interactive.run`; None in a 2024 case):
+    ``clicks`` maps a label (``i + 1`` for box ``i``) to its clicks in the order they were given, each
+    ``(z, y, x, is_foreground)`` (3D; a 2D click has z 0); ``prev_segs`` is the previous step's
+    segmentation (labels as in ``segs``). A segmenter that accepts only boxes ignores both
+    (:attr:`harness.specs.SegmenterSpec.prompts`).
     """
 
     name: str
@@ -140,6 +146,8 @@ class Case:
     boxes: np.ndarray = field(repr=False)
     spacing: tuple[float, float, float] | None = None
     warnings: tuple[str, ...] = ()
+    clicks: dict[int, list[tuple[int, int, int, bool]]] | None = field(default=None, repr=False)
+    prev_segs: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -385,6 +393,10 @@ def _as_uint8_image(imgs: np.ndarray, path: Path, warnings: list[str]) -> np.nda
         raise CaseError(path, f"imgs has dtype {imgs.dtype} with values in [{lo}, {hi}]; expected uint8 0..255")
     warnings.append(f"imgs dtype {imgs.dtype} converted to uint8")
     return np.rint(imgs).astype(np.uint8) if imgs.dtype.kind == "f" else imgs.astype(np.uint8)
+
+
+#: Public name of the image check for readers of other input formats (the 2025 interactive inputs).
+as_uint8_image = _as_uint8_image
 
 
 def _dim_from_name(name: str) -> int | None:

@@ -99,10 +99,13 @@ def changed_choices(config: "RunConfig") -> dict[str, str]:
 def variant_tags(spec: "SegmenterSpec", config: "RunConfig") -> list[str]:
     """What sets this run of ``spec`` apart from the defaults (:func:`changed_choices`), as short tags:
     only the choices ``spec.choices`` honours, then the runner (the default runner adds none), then
-    ``jitter=L`` for a level of a box-jitter sweep (:mod:`harness.jitter`)."""
+    ``interactive`` for the 2025 interactive protocol (:mod:`harness.interactive.run`), then ``jitter=L``
+    for a level of a box-jitter sweep (:mod:`harness.jitter`)."""
     tags = [value for key, value in changed_choices(config).items() if key in spec.choices]
     if config.runner != DEFAULT_RUNNER:
         tags.append(config.runner)
+    if getattr(config, "protocol", None) == "interactive":
+        tags.append("interactive")
     if getattr(config, "box_jitter", None) is not None:
         tags.append(f"jitter={config.box_jitter}")
     return tags

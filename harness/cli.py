@@ -111,6 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         metrics=args.metrics,
         max_case_gb=args.max_case_gb,
+        protocol=args.protocol,
+        clicks=args.clicks,
     )
     from harness.cases import set_max_case_gb
 
@@ -549,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "box sides each move by a seeded random -a..a pixels, a = L * image size / 256 (z by the "
                         "same distance in mm), clipped; level 0 is the plain run (harness.jitter)")
     p.add_argument("--jitter-seed", type=int, default=0, help="seed of --box-jitter's perturbations (default 0)")
+    p.add_argument("--protocol", choices=("standard", "interactive"), default="standard",
+                   help="standard: the 2024 protocol, one box per object (default); interactive: the 2025 protocol on "
+                        "3D inputs from `harness convert --to interactive` (DATA/imgs + DATA/gts): a box step, then "
+                        "one simulated click per class per step, each scored; entries <model>[interactive], native "
+                        "runner only (harness.interactive.run)")
+    p.add_argument("--clicks", type=int, default=5, metavar="N",
+                   help="--protocol interactive: click steps after the box step (default 5, the challenge's)")
     p.add_argument("--metrics", type=_metrics_arg, default=("dsc", "nsd"), metavar="M1,M2,...",
                    help=_METRICS_HELP + "; stored per case in results.jsonl. A resumed run does not rescore the "
                         "cases already finished: use a new --out to add metrics to a finished run, or "

@@ -70,6 +70,10 @@ class RunConfig:
     # a case file whose arrays take more GB (10^9 bytes) than this decompressed is an error row, refused
     # before decompressing; None: HARNESS_MAX_CASE_GB, else a quarter of physical memory (harness.cases)
     max_case_gb: float | None = None
+    # "standard": the 2024 one-box protocol; "interactive": the 2025 box + clicks protocol, ``clicks``
+    # click steps after the box step (harness.interactive.run)
+    protocol: str = "standard"
+    clicks: int = 5
 
 
 @dataclass
@@ -89,8 +93,17 @@ class RunReport:
 
 def check_config(config: RunConfig, plugins: HarnessPlugins | None = None):
     """The runner ``config`` asks for, after refusing settings it cannot honour (:class:`RunnerError`,
-    before any work: an unknown runner, ``--image`` without docker, what the runner's own check refuses)."""
+    before any work: an unknown runner, ``--image`` without docker, what the runner's own check refuses).
+    ``protocol == "interactive"`` runs through :class:`harness.interactive.run.InteractiveRunner`."""
     plugins = plugins or HarnessPlugins()
+    if getattr(config, "protocol", "standard") != "standard":
+        from harness.interactive.run import PROTOCOLS, InteractiveRunner
+
+        if config.protocol not in PROTOCOLS:
+            raise RunnerError(f"unknown protocol {config.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+        runner = InteractiveRunner()
+        runner.check(config)
+        return runner
     try:
         runner = plugins.get_runner(config.runner)
     except UnknownRunnerError as exc:

@@ -83,6 +83,9 @@ class Segmenter(Protocol):
 ENGINE_CHOICES = ("path", "precision", "backend")
 """The execution choices a segmenter built on :class:`models.inference.engine.BoxPromptEngine` honours."""
 
+PROMPTS = ("box", "points", "mask")
+"""The prompts a segmenter may declare in :attr:`SegmenterSpec.prompts`."""
+
 
 @dataclass(frozen=True)
 class SegmenterSpec:
@@ -96,6 +99,11 @@ class SegmenterSpec:
     ``l0[faithful]`` or ``l0[bf16]``, so
     that variants of one segmenter are separate leaderboard rows.  Choices a spec does not name
     are ignored for it.
+
+    ``prompts`` names what the segmenter uses of a case: ``"box"`` (every segmenter), ``"points"``
+    (``Case.clicks``, the interactive protocol's foreground/background clicks) and ``"mask"``
+    (``Case.prev_segs``, the previous step's segmentation). Default: boxes only; the harness hands such
+    a segmenter cases without clicks or previous masks, so it gives the same segs at every step.
     """
 
     name: str
@@ -107,3 +115,4 @@ class SegmenterSpec:
     choices: tuple[str, ...] = ()
     reference: str = ""
     description: str = ""
+    prompts: frozenset[str] = frozenset({"box"})

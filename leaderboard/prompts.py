@@ -169,16 +169,22 @@ def interactive_table(frame: pd.DataFrame) -> pd.DataFrame:
         overall, per_modality = _aggregate(scored, INTERACTIVE_METRICS)
         errors = int((records["status"] != "ok").sum())
         capped = int(records.get("cap_exceeded", pd.Series(dtype=bool)).fillna(False).astype(bool).sum())
-        rows.append({"model": entry, "modality": OVERALL, **overall, "errors": errors, "cap_exceeded": capped})
-        rows.extend({"model": entry, "modality": mod, **vals, "errors": 0, "cap_exceeded": 0}
+        counts = pd.to_numeric(records.get("n_clicks", pd.Series(dtype=float)), errors="coerce").dropna().unique()
+        n_clicks = int(counts[0]) if len(counts) == 1 else None
+        rows.append({"model": entry, "modality": OVERALL, **overall, "errors": errors, "cap_exceeded": capped,
+                     "n_clicks": n_clicks})
+        rows.extend({"model": entry, "modality": mod, **vals, "errors": 0, "cap_exceeded": 0, "n_clicks": n_clicks}
                     for mod, vals in per_modality.items())
-    return pd.DataFrame(rows, columns=["model", "modality", *INTERACTIVE_METRICS, "cases", "errors", "cap_exceeded"])
+    return pd.DataFrame(rows, columns=["model", "modality", *INTERACTIVE_METRICS, "cases", "errors", "cap_exceeded",
+                                       "n_clicks"])
 
 
-def interactive_markdown(table: pd.DataFrame, n_clicks: int | None = None) -> str:
+def interactive_markdown(table: pd.DataFrame) -> str:
     """The "Interactive protocol" section; empty string when no entry ran it."""
     if table.empty:
         return ""
+    counts = {int(n) for n in table["n_clicks"].dropna()}
+    n_clicks = counts.pop() if len(counts) == 1 else None
     headers = ["Model", "Modality", "DSC_AUC", "NSD_AUC", "Final DSC %", "Final NSD %", "Seconds / case", "Cases"]
     body = []
     for _, r in table.iterrows():
@@ -192,9 +198,9 @@ def interactive_markdown(table: pd.DataFrame, n_clicks: int | None = None) -> st
                      _fmt(r["seconds"], ".2f"), cases])
     clicks = f"{n_clicks} " if n_clicks else ""
     lines = ["## Interactive protocol (box + clicks, CVPR 2025)", "",
-             f"Each case ran once with its boxes, then once after each of {clicks}simulated corrective clicks per "
-             "class (`harness run --protocol interactive`). DSC_AUC and NSD_AUC: the area under the DSC and NSD "
-             "curves over the click steps (the trapezoid rule, as the official evaluator computes them: "
+             f"Each case ran once with its boxes, then once after each of {clicks}simulated corrective clicks (one "
+             "per class per step; `harness run --protocol interactive`). DSC_AUC and NSD_AUC: the area under the DSC "
+             "and NSD curves over the click steps (the trapezoid rule, as the official evaluator computes them: "
              "repository JunMa11/CVPR-MedSegFMCompetition, CVPR25_iter_eval.py); final DSC/NSD: the last step's. "
              "Seconds: all steps of a case. Means are the unweighted mean of the per-modality means.", "",
              tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)]
@@ -212,7 +218,8 @@ def interactive_json(table: pd.DataFrame) -> dict:
         vals = {m: _num(r[m]) for m in INTERACTIVE_METRICS} | {"cases": int(r["cases"])}
         if r["modality"] == OVERALL:
             out.setdefault(r["model"], {"per_modality": {}}).update(
-                vals, errors=int(r["errors"]), cap_exceeded=int(r["cap_exceeded"]))
+                vals, errors=int(r["errors"]), cap_exceeded=int(r["cap_exceeded"]),
+                n_clicks=None if pd.isna(r["n_clicks"]) else int(r["n_clicks"]))
         else:
             out.setdefault(r["model"], {"per_modality": {}})["per_modality"][r["modality"]] = vals
     return out

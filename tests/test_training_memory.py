@@ -1,7 +1,11 @@
 """training.memory: the batch is fitted to the machine's memory before the first step (issue 17, item 6)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,31 +92,51 @@ def _autocast(device, enabled):
     return nullcontext()
 
 
+PROBE = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_training_memory import _ConvTask, _collate, _autocast
+from training.memory import measure_step
+
+task = _ConvTask()
+before = [t.detach().clone() for t in task.module.state_dict().values()]
+rng = torch.get_rng_state()
+need = measure_step(task, task.module, torch.device("cpu"), False, 0, _collate, lambda b, d: b, _autocast)
+print(json.dumps({
+    "per_item_mb": need.per_item_mb, "item_data_mb": need.item_data_mb, "optimizer_mb": need.optimizer_mb,
+    "params": sum(p.numel() for p in task.module.parameters()),
+    "no_grads": all(p.grad is None for p in task.module.parameters()),
+    "same_state": all(torch.equal(a, b) for a, b in zip(before, task.module.state_dict().values())),
+    "same_rng": torch.equal(rng, torch.get_rng_state()),
+}))
+"""
+
+
 def test_the_probe_measures_memory_per_item_and_leaves_no_trace():
-    task = _ConvTask()
-    before = [t.detach().clone() for t in task.module.state_dict().values()]
-    rng = torch.get_rng_state()
-    need = measure_step(task, task.module, torch.device("cpu"), False, 0, _collate, lambda b, d: b, _autocast)
+    # In a fresh interpreter: memory that earlier tests freed but the allocator kept would hide the growth.
+    done = subprocess.run([sys.executable, "-c", PROBE, str(Path(__file__).parent)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
     # each item carries two 32 x 256 x 256 float32 activations (8 MB each) kept for backward
-    assert need.per_item_mb > 8
-    assert need.item_data_mb == pytest.approx(3 * 256 * 256 * 4 / 2**20)
-    params = sum(p.numel() for p in task.module.parameters())
-    assert need.optimizer_mb == pytest.approx(2 * params * 4 / 2**20)
-    assert all(p.grad is None for p in task.module.parameters())
-    # weights and BatchNorm's running statistics as they were, the generator where it was
-    assert all(torch.equal(a, b) for a, b in zip(before, task.module.state_dict().values()))
-    assert torch.equal(rng, torch.get_rng_state())
+    assert got["per_item_mb"] > 8
+    assert got["item_data_mb"] == pytest.approx(3 * 256 * 256 * 4 / 2**20)
+    assert got["optimizer_mb"] == pytest.approx(2 * got["params"] * 4 / 2**20)
+    # no gradients left, weights and BatchNorm's running statistics as they were, the generator where it was
+    assert got["no_grads"] and got["same_state"] and got["same_rng"]
 
 
-def test_fit_to_memory_lowers_the_batch_and_says_so():
+def test_fit_to_memory_lowers_the_batch_and_says_so(monkeypatch):
+    import training.memory as memory
+
     task = _ConvTask()
     cfg = TrainConfig(batch_size=4, grad_accum=1, num_workers=0)
-    need = measure_step(task, task.module, torch.device("cpu"), False, 0, _collate, lambda b, d: b, _autocast)
-    free = need.need_mb(2) / (1 - HEADROOM) + need.per_item_mb / 2  # room for 2 items, not 4
+    need = _need(peak=500.0, per_item=100.0, optimizer=10.0, workers=0)  # need(b) = 410 + 100 b
+    monkeypatch.setattr(memory, "measure_step", lambda *args, **kwargs: need)
     said = []
     fitted = fit_to_memory(cfg, task, task.module, torch.device("cpu"), False, _collate, lambda b, d: b,
-                           _autocast, log=said.append, free_mb=free, local_processes=1)
-    assert (fitted.batch_size, fitted.grad_accum) == (2, 2)
+                           _autocast, log=said.append, free_mb=need.need_mb(3) / (1 - HEADROOM), local_processes=1)
+    assert (fitted.batch_size, fitted.grad_accum) == (2, 2)  # 3 items fit, but 3 does not divide 4
     assert "batch 2 x grad_accum 2" in said[0]
 
 
@@ -138,12 +162,14 @@ def test_the_trainer_trains_with_the_fitted_batch(monkeypatch, tmp_path):
 
     task = _ConvTask(items=8)
     task.num_items = len(task.dataset)
-    need = measure_step(task, task.module, torch.device("cpu"), False, 0, _collate, lambda b, d: b, _autocast)
-    monkeypatch.setattr(memory, "available_mb", lambda: need.need_mb(2) / (1 - HEADROOM) + need.per_item_mb / 2)
+    need = _need(peak=500.0, per_item=100.0, optimizer=10.0, workers=0)  # the probe's figures (measured above)
+    probed = []
+    monkeypatch.setattr(memory, "measure_step", lambda *args, **kwargs: probed.append(args) or need)
+    monkeypatch.setattr(memory, "available_mb", lambda: need.need_mb(3) / (1 - HEADROOM))
     said = []
     cfg = TrainConfig(batch_size=4, grad_accum=1, num_workers=0, steps=1, precision="fp32", schedule="constant")
     trainer = Trainer(cfg, task, tmp_path, DistInfo(), torch.device("cpu"), log=said.append, progress=False)
-    assert (trainer.cfg.batch_size, trainer.cfg.grad_accum) == (2, 2)
+    assert len(probed) == 1 and (trainer.cfg.batch_size, trainer.cfg.grad_accum) == (2, 2)
     assert any("batch 2 x grad_accum 2" in line for line in said)
     seen = []
     loss = task.loss

@@ -61,18 +61,29 @@ def _aggregate(sub: pd.DataFrame, metrics: tuple[str, ...]) -> tuple[dict, dict]
 
 def robustness_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, level, modality) with ``dsc``, ``nsd`` (fractions) and ``cases``; modality
-    ``"overall"`` is the unweighted mean of the per-modality means. Only models with a jitter-tagged
-    entry appear; empty when there is none."""
+    ``"overall"`` is the unweighted mean of the per-modality means. A model's levels are compared on the
+    cases every one of its levels has a record of. Only models with a jitter-tagged entry appear; empty
+    when there is none."""
     rows = []
     if frame.empty or "model" not in frame:
         return pd.DataFrame(columns=["model", "level", "modality", "dsc", "nsd", "cases"])
     entries = list(dict.fromkeys(frame["model"].dropna()))
+    levels_of: dict[str, list[str]] = {}
+    for entry in entries:
+        split = split_jitter(str(entry))
+        if split is not None:
+            levels_of.setdefault(split[0], []).append(entry)
+    # Levels are compared on the same cases: those every level of the model has a record of (a level run
+    # on fewer cases, e.g. with --limit, would otherwise be compared with a larger set).
+    common = {base: set.intersection(*(set(frame.loc[frame["model"] == e, "case"]) for e in group))
+              for base, group in levels_of.items()}
     for entry in entries:
         split = split_jitter(str(entry))
         if split is None:
             continue
         base, level = split
-        overall, per_modality = _aggregate(frame[frame["model"] == entry], ("dsc", "nsd"))
+        sub = frame[(frame["model"] == entry) & frame["case"].isin(common[base])]
+        overall, per_modality = _aggregate(sub, ("dsc", "nsd"))
         rows.append({"model": base, "level": level, "modality": OVERALL, **overall})
         rows.extend({"model": base, "level": level, "modality": mod, **vals} for mod, vals in per_modality.items())
     table = pd.DataFrame(rows, columns=["model", "level", "modality", "dsc", "nsd", "cases"])

@@ -29,7 +29,8 @@ def test_split_jitter():
 
 def make_sweep(tmp_path):
     with ResultsStore(tmp_path) as store:
-        # level 0: CT mean 0.8, MR 0.6 -> overall 0.7; level 10: CT 0.5 (two cases 0.4 and 0.6), MR 0.3 -> 0.4
+        # level 0: CT mean 0.8, MR 0.6 -> overall 0.7; level 10 has two more cases (CT_2, and MR_2 failed),
+        # which level 0 lacks: the levels are compared on CT_1 and MR_1, level 10: CT 0.4, MR 0.3 -> 0.35
         store.append(rec("m[jitter=0]", "CT_1", "CT", 0.8, 0.9))
         store.append(rec("m[jitter=0]", "MR_1", "MR", 0.6, 0.7))
         store.append(rec("m[jitter=10]", "CT_1", "CT", 0.4, 0.5))
@@ -46,11 +47,11 @@ def test_robustness_table_aggregates_as_the_main_table(tmp_path):
     assert set(table["model"]) == {"m"}
     overall = table[table["modality"] == "overall"].set_index("level")
     assert overall.loc[0, "dsc"] == pytest.approx(0.7)
-    assert overall.loc[10, "dsc"] == pytest.approx(0.4)
-    assert overall.loc[10, "nsd"] == pytest.approx((0.6 + 0.4) / 2)
-    assert overall.loc[10, "cases"] == 3  # the error row is not a scored case
+    assert overall.loc[10, "dsc"] == pytest.approx(0.35)
+    assert overall.loc[10, "nsd"] == pytest.approx((0.5 + 0.4) / 2)
+    assert overall.loc[10, "cases"] == 2  # CT_2 and MR_2 only at level 10: left out
     ct10 = table[(table["modality"] == "CT") & (table["level"] == 10)].iloc[0]
-    assert ct10["dsc"] == pytest.approx(0.5) and ct10["cases"] == 2
+    assert ct10["dsc"] == pytest.approx(0.4) and ct10["cases"] == 1
 
 
 def test_robustness_in_markdown_json_and_figure(tmp_path):
@@ -58,10 +59,10 @@ def test_robustness_in_markdown_json_and_figure(tmp_path):
     md = write_leaderboard(tmp_path).read_text()
     assert "## Box robustness (DSC / NSD %, per jitter level)" in md
     line = next(l for l in md.splitlines() if l.startswith("| m ") and "all" in l)
-    assert "70.00 / 80.00 (2)" in line and "40.00 / 50.00 (3)" in line
+    assert "70.00 / 80.00 (2)" in line and "35.00 / 45.00 (2)" in line
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["robustness"]["m"]["10"]["dsc"] == pytest.approx(0.4)
-    assert summary["robustness"]["m"]["10"]["per_modality"]["CT"]["cases"] == 2
+    assert summary["robustness"]["m"]["10"]["dsc"] == pytest.approx(0.35)
+    assert summary["robustness"]["m"]["10"]["per_modality"]["CT"]["cases"] == 1
     assert (tmp_path / "leaderboard-robustness.png").stat().st_size > 0
     assert "leaderboard-robustness.png" in md
 

@@ -31,6 +31,8 @@ engine_pid() {
   pid=$(cat "$PIDFILE" 2>/dev/null) || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] || return 1
+  # a zombie (killed, not yet reaped by its new parent) keeps its name but serves nothing
+  [ "$(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null)" != Z ] || return 1
   echo "$pid"
 }
 
@@ -63,6 +65,30 @@ unmount_leftovers() {
   done
 }
 
+# dockerd's own containerd writes its PID to $DIR/exec/containerd/containerd.pid. When that file outlives
+# the engine (a reboot, a SIGKILL) and its PID now belongs to another process, a new dockerd believes
+# containerd "is still running", waits for a socket that never appears and gives up ("timeout waiting
+# for containerd to start"). Before a start: stop a containerd that really is ours and has lost its
+# dockerd, and remove the stale PID file and sockets.
+clear_stale_containerd() {
+  local cdir=$DIR/exec/containerd pid
+  local pidfile=$cdir/containerd.pid
+  if [ -s "$pidfile" ]; then
+    pid=$(cat "$pidfile" 2>/dev/null || true)
+    if [[ $pid =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = containerd ] \
+        && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$cdir/"; then
+      say "stopping containerd (PID $pid) left running by an earlier dockerd"
+      kill -TERM "$pid" 2>/dev/null || true
+      local waited=0
+      while [ -d "/proc/$pid" ] && [ "$waited" -lt 50 ]; do sleep 0.2; waited=$((waited + 1)); done
+      [ -d "/proc/$pid" ] && kill -KILL "$pid" 2>/dev/null || true
+    elif [ -n "$pid" ]; then
+      say "removing a stale containerd PID file ($pidfile: PID $pid is not this engine's containerd)"
+    fi
+  fi
+  rm -f "$pidfile" "$cdir/containerd.sock" "$cdir/containerd.sock.ttrpc" "$cdir/containerd-debug.sock"
+}
+
 cmd_start() {
   if pid=$(engine_pid); then
     local waited=0
@@ -85,6 +111,7 @@ cmd_start() {
   [ "${#SOCK}" -lt 90 ] || die "HARNESS_DOCKER_DIR=$DIR is too long for unix socket paths (keep it under ~80 characters)"
   mkdir -p "$DIR"
   rm -f "$PIDFILE" "$SOCK"
+  clear_stale_containerd
   unmount_leftovers
   say "starting dockerd (state in $DIR, log $LOG)"
   # setsid: the engine outlives this shell and its terminal; stdin closed, output to the log.
@@ -109,6 +136,7 @@ cmd_stop() {
   if ! pid=$(engine_pid); then
     say "not running (no live dockerd PID in $PIDFILE)"
     rm -f "$PIDFILE"
+    clear_stale_containerd
     unmount_leftovers
     return 0
   fi
@@ -124,7 +152,7 @@ cmd_stop() {
   say "stopping dockerd (PID $pid)"
   kill -TERM "$pid" 2>/dev/null || true
   local waited=0
-  while [ -d "/proc/$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ]; do
+  while engine_pid >/dev/null; do
     if [ "$waited" -ge "$((WAIT_S * 5))" ]; then
       say "dockerd (PID $pid) still runs after ${WAIT_S}s; sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true

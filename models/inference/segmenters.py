@@ -70,6 +70,7 @@ class TorchSegmenter:
                 self.extra["backend_fallback"] = reason
                 self.backend, executor = "torch", self.model
             else:
+                point_decoder = _point_decoder(self.model)  # the exported decoder takes boxes only
                 self.model.to("meta")  # shapes without storage: enough to count parameters and FLOPs
         has_batchnorm = any(isinstance(m, torch.nn.BatchNorm2d) for m in self.model.modules())
         if config.fast and self.backend == "torch" and ((config.fold_batchnorm and has_batchnorm) or config.channels_last):
@@ -80,6 +81,8 @@ class TorchSegmenter:
                 to_channels_last(self.model)
         self.engine = BoxPromptEngine(executor, config, precision=precision if self.backend == "torch" else "fp32",
                                       device=None if self.backend == "torch" else "cpu")
+        if self.backend != "torch":
+            self.engine.point_decoder = point_decoder
 
     @classmethod
     def from_state(cls, name: str, model: torch.nn.Module, checkpoint: Checkpoint, config: PipelineConfig,
@@ -99,7 +102,20 @@ class TorchSegmenter:
         segmenter.extra["checkpoint_format"] = checkpoint.format
         return segmenter
 
+    #: What :meth:`segment` uses of a case (:attr:`harness.specs.SegmenterSpec.prompts`): the boxes, the
+    #: interactive protocol's clicks and the previous step's segmentation.
+    prompts = frozenset({"box", "points", "mask"})
+
     def segment(self, case) -> np.ndarray:
+        """The case's segs: box-prompted (:meth:`BoxPromptEngine.segment`), or, when ``case.clicks`` holds
+        clicks, corrected by them (:meth:`BoxPromptEngine.segment_with_clicks`, 3D: the clicked slice is
+        decoded again with its box and clicks, and propagation resumes from it; ``case.prev_segs`` is the
+        prediction the other labels keep). On an export backend (onnxruntime, openvino) the exported
+        decoder takes boxes only: point prompts are decoded by a torch copy of the model's prompt
+        encoder and mask decoder, kept at load (the image embeddings still come from the backend)."""
+        clicks = getattr(case, "clicks", None)
+        if clicks:
+            return self.engine.segment_with_clicks(case.imgs, case.boxes, clicks, getattr(case, "prev_segs", None))
         return self.engine.segment(case.imgs, case.boxes)
 
     def describe(self) -> dict[str, Any]:
@@ -121,6 +137,19 @@ class TorchSegmenter:
             **({"export": str(self.engine.model.folder)} if self.backend != "torch" else {}),
             **self.extra,
         }
+
+
+def _point_decoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A torch copy of ``model``'s prompt encoder and mask decoder (a few MB), for point prompts on an
+    export backend; None for a model without them."""
+    import copy
+
+    from models.nets.promptable_sam import PromptDecoder
+
+    encoder, decoder = getattr(model, "prompt_encoder", None), getattr(model, "mask_decoder", None)
+    if encoder is None or decoder is None:
+        return None
+    return PromptDecoder(copy.deepcopy(encoder), copy.deepcopy(decoder)).eval()
 
 
 def file_sha256(path: str | Path) -> str | None:

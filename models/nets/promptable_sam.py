@@ -90,6 +90,16 @@ class PromptableSAM(nn.Module):
             multimask_output=False,
         )
 
+    def decode_prompts(
+        self,
+        image_embedding: torch.Tensor,
+        boxes: torch.Tensor,
+        points: torch.Tensor,
+        point_labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode_boxes` with labelled points beside each box (see :func:`decode_prompts`)."""
+        return decode_prompts(self.prompt_encoder, self.mask_decoder, image_embedding, boxes, points, point_labels)
+
     def forward(
         self, image: torch.Tensor, boxes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,3 +109,49 @@ class PromptableSAM(nn.Module):
             low_res_masks (B, 1, 4h, 4w) logits and iou_predictions (B, 1).
         """
         return self.decode_boxes(self.image_encoder(image), boxes)
+
+
+def decode_prompts(
+    prompt_encoder: PromptEncoder,
+    mask_decoder: MaskDecoder,
+    image_embedding: torch.Tensor,
+    boxes: torch.Tensor,
+    points: torch.Tensor,
+    point_labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-mask predictions for B boxes, each with N labelled points, against one image embedding.
+
+    SAM's prompt encoder embeds the points beside the box (no padding point when a box is given, as
+    upstream ``PromptEncoder._embed_points(pad=boxes is None)``); label 1 is a foreground point, 0 a
+    background one. The models here were trained with boxes only: the point embeddings are SAM's.
+
+    Args:
+        image_embedding: (1, 256, h, w).
+        boxes: (B, 4) xyxy in the prompt frame.
+        points: (B, N, 2) as (x, y) in the prompt frame.
+        point_labels: (B, N) of 1 (foreground) or 0 (background).
+
+    Returns:
+        low_res_masks (B, 1, 4h, 4w) logits and iou_predictions (B, 1).
+    """
+    sparse, dense = prompt_encoder(points=(points, point_labels), boxes=boxes, masks=None)
+    return mask_decoder(
+        image_embeddings=image_embedding,
+        image_pe=prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+
+
+class PromptDecoder(nn.Module):
+    """The prompt encoder and mask decoder of a :class:`PromptableSAM` on their own: what decodes point
+    prompts when the model's graphs run on an export backend whose decoder takes boxes only."""
+
+    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> None:
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+    def decode_prompts(self, image_embedding, boxes, points, point_labels):
+        return decode_prompts(self.prompt_encoder, self.mask_decoder, image_embedding, boxes, points, point_labels)

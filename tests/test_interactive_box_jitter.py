@@ -10,7 +10,7 @@ from harness.cases import load_case
 from harness.jitter import jitter_amplitudes, jitter_boxes, jittered_data_dir, parse_levels, run_box_jitter
 from harness.run import RunConfig, run
 from harness.runners.base import RunnerError
-from tests.helpers import DEMO
+from helpers import DEMO
 
 
 def test_levels_are_parsed_strictly():

@@ -11,7 +11,7 @@ from harness.cli import main
 from harness.interactive.clicks import simulate_clicks
 from harness.interactive.convert import boxes_from_gts, convert_to_interactive
 from harness.interactive.safe_npz import read_interactive_input
-from tests.reference import require_data
+from reference import require_data
 
 
 def _first_shift(seed=2025):

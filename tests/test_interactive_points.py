@@ -17,7 +17,7 @@ from models.builders import build_model
 from models.inference.engine import BoxPromptEngine
 from models.inference.pipelines import LITEMEDSAM_CVPR24
 from models.nets.promptable_sam import PromptDecoder
-from tests.reference import require_data
+from reference import require_data
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from harness.interactive.convert import convert_to_interactive
 from harness.interactive.protocol import InteractiveStepError, run_interactive_case
 from harness.interactive.safe_npz import read_interactive_input, write_interactive_input
 from harness.interactive.scores import auc, step_scores
-from tests.reference import require_data
+from reference import require_data
 
 CASES = ("3DBox_PET_sts002.npz", "3DBox_PET_sts024.npz")
 

@@ -17,7 +17,7 @@ from harness.pluginmanager import HarnessPlugins
 from harness.run import RunConfig, check_config, run
 from harness.runners.base import RunnerError
 from harness.specs import SegmenterSpec
-from tests.reference import require_data
+from reference import require_data
 
 CASES = ("3DBox_PET_sts002.npz", "3DBox_PET_sts024.npz")
 

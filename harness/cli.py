@@ -643,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="entry B (e.g. litemedsam)")
     p.add_argument("--metric", default="dsc,nsd", help="metrics to compare (default dsc,nsd)")
     p.add_argument("--margin", type=_positive_float, default=None, metavar="POINTS",
-                   help="non-inferiority margin in points of % (e.g. 0.5)")
+                   help="non-inferiority margin in points of %% (e.g. 0.5)")
     _add_statistics(p)
     p.set_defaults(func=cmd_compare)
 

@@ -8,8 +8,17 @@ the key ``segs`` (uint16). The segmentation is the native runner's own code path
 reported on stderr with its file and the problem, and the others still run; the exit status is
 non-zero if any case failed.
 
+2025-format inputs (the interactive protocol, :mod:`harness.interactive`): a file whose ``boxes`` (or
+``clicks``) is stored as pickled per-class dicts is read with the restricted reader
+(:func:`harness.interactive.safe_npz.read_interactive_input`, never ``np.load(allow_pickle=True)``) and
+made a case as ``harness run --protocol interactive`` makes it
+(:func:`harness.interactive.run.case_from_input`: box ``i`` labels class ``i + 1``; the clicks, in the
+order given, only for a segmenter that declares ``"points"``, the previous prediction only for one that
+declares ``"mask"``); its ``segs`` are written under the same file name, as the official evaluator
+reads them. Other files are 2024-format cases, read as before.
+
 It is what the images of :mod:`harness.container` run as ``predict.sh``, and what the subprocess
-runner starts once per case.
+runner starts once per case (once per step with ``--protocol interactive``).
 """
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.cases import discover_cases, load_case, save_segs
+from harness.cases import Case, discover_cases, load_case, save_segs
 from harness.choices import DEFAULT_BACKEND, DEFAULT_PATH, DEFAULT_PRECISION
 from harness.pluginmanager import HarnessPlugins
 from harness.profiling import default_threads, pin_threads
@@ -96,7 +105,7 @@ def predict(
     for case_path in cases:
         stage = "loading the case"
         try:
-            case = load_case(case_path, max_bytes)
+            case = _load_any(case_path, max_bytes, spec, segmenter)
             stage = "segmenting"
             segs, seconds, _ = timed_segment(segmenter, case)
             segs = check_segs(segs, case)
@@ -110,3 +119,19 @@ def predict(
         report.written.append(case_path.name)
         log(f"{case_path.name}: {seconds:.3f}s -> {outputs / case_path.name}")
     return report
+
+
+def _load_any(case_path: Path, max_bytes: int | None, spec, segmenter) -> Case:
+    """A 2024-format case (:func:`harness.cases.load_case`), or a 2025-format input made a case as the
+    interactive protocol makes it (see the module docstring)."""
+    from harness.interactive.safe_npz import is_interactive_input
+
+    if not is_interactive_input(case_path):
+        return load_case(case_path, max_bytes)
+    from harness.cases import set_max_case_gb
+    from harness.interactive.run import accepted_prompts, case_from_input
+    from harness.interactive.safe_npz import read_interactive_input
+
+    if max_bytes is not None:  # the restricted reader's limit (this process's setting)
+        set_max_case_gb(max_bytes / 10**9)
+    return case_from_input(read_interactive_input(case_path), accepted_prompts(spec, segmenter))

@@ -43,6 +43,8 @@ __all__ = [
     "InteractiveInput",
     "read_pickled_key",
     "read_interactive_input",
+    "is_interactive_input",
+    "stored_shape",
     "write_interactive_input",
     "parse_boxes",
     "parse_clicks",
@@ -171,6 +173,42 @@ def read_pickled_key(path: str | os.PathLike, key: str) -> np.ndarray | None:
             if f"{key}.npy" not in zf.namelist():
                 return None
             return _read_member(path, zf, key)
+    except CaseError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:
+        raise CaseError(path, f"corrupt or truncated npz ({type(exc).__name__}: {exc})") from None
+
+
+def _header(zf: zipfile.ZipFile, member: str) -> tuple:
+    """``(shape, fortran_order, dtype)`` of an ``.npy`` member, from its header alone."""
+    with zf.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(fh)
+        return np.lib.format.read_array_header_2_0(fh)
+
+
+def is_interactive_input(path: str | os.PathLike) -> bool:
+    """Whether npz ``path`` is a 2025-format input: one of :data:`PICKLED_KEYS` is stored as an object
+    array (the per-class dicts of ``boxes``, ``clicks``). Only the ``.npy`` headers are read, nothing is
+    unpickled; a file that cannot be read as an npz is not one (its loader then says what is wrong)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            return any(_header(zf, f"{key}.npy")[2].hasobject for key in PICKLED_KEYS if f"{key}.npy" in names)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError):
+        return False
+
+
+def stored_shape(path: str | os.PathLike, key: str = "imgs") -> tuple[int, ...]:
+    """The shape of ``key`` in npz ``path``, from its header alone (nothing decompressed past it);
+    CaseError naming the file when the key is missing or the file unreadable."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if f"{key}.npy" not in zf.namelist():
+                raise CaseError(path, f"missing key '{key}'")
+            return tuple(int(n) for n in _header(zf, f"{key}.npy")[0])
     except CaseError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:

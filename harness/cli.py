@@ -540,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "native (in an isolated worker), subprocess and docker runners")
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="memory limit such as 4g or 512m. docker: the container's (a cgroup's, resident memory; "
-                        "default 8G, the challenge's). native (isolated worker) and subprocess: RLIMIT_AS, a cap on "
+                        "default 8G, the challenge's; 32G with --protocol interactive, the 2025 evaluator's). "
+                        "native (isolated worker) and subprocess: RLIMIT_AS, a cap on "
                         "the segmenting process's address space (virtual memory, not resident memory: runtimes that "
                         "reserve large virtual areas may need more); an allocation past it is an error naming the "
                         "limit. Default there: no limit")
@@ -554,8 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("standard", "interactive"), default="standard",
                    help="standard: the 2024 protocol, one box per object (default); interactive: the 2025 protocol on "
                         "3D inputs from `harness convert --to interactive` (DATA/imgs + DATA/gts): a box step, then "
-                        "one simulated click per class per step, each scored; entries <model>[interactive], native "
-                        "runner only (harness.interactive.run)")
+                        "one simulated click per class per step, each scored; entries <model>[interactive]. "
+                        "--runner native runs the steps in this process; --runner subprocess / docker and --image "
+                        "run each step in a fresh `harness predict` process / container on that step's input file, "
+                        "as the official evaluator does (docker: -m 32G unless --memory is given; --timeout is per "
+                        "step) (harness.interactive.run, harness.interactive.external)")
     p.add_argument("--clicks", type=int, default=5, metavar="N",
                    help="--protocol interactive: click steps after the box step (default 5, the challenge's)")
     p.add_argument("--metrics", type=_metrics_arg, default=("dsc", "nsd"), metavar="M1,M2,...",

@@ -94,14 +94,15 @@ class RunReport:
 def check_config(config: RunConfig, plugins: HarnessPlugins | None = None):
     """The runner ``config`` asks for, after refusing settings it cannot honour (:class:`RunnerError`,
     before any work: an unknown runner, ``--image`` without docker, what the runner's own check refuses).
-    ``protocol == "interactive"`` runs through :class:`harness.interactive.run.InteractiveRunner`."""
+    ``protocol == "interactive"`` runs through :func:`harness.interactive.run.interactive_runner` (native,
+    subprocess or docker)."""
     plugins = plugins or HarnessPlugins()
     if getattr(config, "protocol", "standard") != "standard":
-        from harness.interactive.run import PROTOCOLS, InteractiveRunner
+        from harness.interactive.run import PROTOCOLS, interactive_runner
 
         if config.protocol not in PROTOCOLS:
             raise RunnerError(f"unknown protocol {config.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
-        runner = InteractiveRunner()
+        runner = interactive_runner(config)
         runner.check(config)
         return runner
     try:

@@ -1,17 +1,48 @@
 """The 2025 interactive protocol through the end-to-end runners (issue 18, item 3): `harness predict` on
-2025-format inputs."""
+2025-format inputs, `--runner subprocess` (one `harness predict` process per step) on two converted 3D
+validation cases."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from harness import hookimpl
+from harness.interactive.convert import convert_to_interactive
+from harness.interactive.external import INTERACTIVE_MEMORY, run_interactive_external_record
 from harness.interactive.safe_npz import is_interactive_input, write_interactive_input
 from harness.pluginmanager import HarnessPlugins
 from harness.predict import predict
+from harness.results import read_records
+from harness.run import RunConfig, check_config, run
+from harness.runners.external import Outcome
 from harness.specs import SegmenterSpec
+from helpers import harness_cli, install_fake_plugin
+from reference import require_data
+
+CASES = ("3DBox_PET_sts002.npz", "3DBox_PET_sts024.npz")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    data = require_data()
+    src = tmp_path_factory.mktemp("src")
+    for sub in ("imgs", "gts"):
+        (src / sub).mkdir()
+        for name in CASES:
+            shutil.copy(data / sub / name, src / sub / name)
+    out = tmp_path_factory.mktemp("interactive")
+    assert convert_to_interactive(src, out).converted == list(CASES)
+    return out
+
+
+def records(out: Path) -> dict[tuple[str, str], dict]:
+    return {(r["model"], r["case"]): r for r in read_records(out / "results.jsonl")}
 
 
 def plugins_with(name: str, segment, prompts=frozenset({"box"})) -> HarnessPlugins:
@@ -31,6 +62,10 @@ def plugins_with(name: str, segment, prompts=frozenset({"box"})) -> HarnessPlugi
     plugins = HarnessPlugins(load_entry_points=False)
     plugins.register(Plugin(), "interactive-external-test-plugin")
     return plugins
+
+
+def config(data, out, models=("boxfill",), **kw) -> RunConfig:
+    return RunConfig(models=list(models), data_dir=data, out_dir=out, progress=False, protocol="interactive", **kw)
 
 
 # ------------------------------------------------------------------------------------- harness predict
@@ -115,3 +150,150 @@ def test_predict_refuses_a_malicious_pickle_in_a_2025_input_and_runs_nothing(tmp
     message = report.failed["3DBox_CT_evil.npz"]
     assert "refused global" in message and "system" in message and "3DBox_CT_evil.npz" in message
     assert not seen and not (tmp_path / "PWNED").exists() and not (tmp_path / "out" / "3DBox_CT_evil.npz").exists()
+
+
+# -------------------------------------------------------------------------- the step function, no process
+
+class _Scripted:
+    """An executor without a process: box-fills each step's input, or fails at ``fail_at`` as told."""
+
+    runner, what = "subprocess", "the stand-in"
+    work_dir = None
+
+    def __init__(self, fail_at: int | None = None, how: str = "exit"):
+        self.fail_at, self.how, self.calls = fail_at, how, []
+
+    def execute(self, inputs, outputs, work):
+        from harness.interactive.safe_npz import read_interactive_input
+
+        (case_file,) = list(inputs.iterdir())  # the step's input, alone in a fresh folder
+        self.calls.append((inputs, case_file.name))
+        step = len(self.calls)
+        if step == self.fail_at and self.how == "exit":
+            return Outcome(1.5, 1, 12.0, "test", log="Traceback...\nRuntimeError: boom", problem="exited with status 1")
+        inp = read_interactive_input(case_file)
+        segs = np.zeros(inp.shape, np.uint16)
+        for i, b in enumerate(inp.boxes):
+            segs[b["z_min"]:b["z_max"] + 1, b["z_mid_y_min"]:b["z_mid_y_max"] + 1,
+                 b["z_mid_x_min"]:b["z_mid_x_max"] + 1] = i + 1
+        if step == self.fail_at and self.how == "shape":
+            segs = segs[:-1]
+        if not (step == self.fail_at and self.how == "none"):
+            np.savez_compressed(outputs / case_file.name, segs=segs)
+        return Outcome(0.25 * step, 0, 10.0 * step, "test")
+
+
+@pytest.mark.parametrize("how, words", [
+    ("exit", "exited with status 1"),
+    ("none", "wrote no output named"),
+    ("shape", "does not match"),
+])
+def test_a_failing_step_is_the_cases_error_row_naming_the_step(converted, tmp_path, how, words):
+    executor = _Scripted(fail_at=4, how=how)
+    cfg = config(converted, tmp_path / "out", runner="subprocess")
+    case = converted / "imgs" / CASES[1]
+    rec = run_interactive_external_record(executor, "m[subprocess,interactive]", "m", case, cfg, 1)
+    assert rec["status"] == "error" and len(executor.calls) == 4
+    assert "step 4" in rec["error"] and words in rec["error"] and str(case) in rec["error"]
+    assert not (tmp_path / "out" / ".interactive").exists()
+
+
+def test_each_step_runs_once_on_its_own_input_with_end_to_end_times(converted, tmp_path):
+    executor = _Scripted()
+    cfg = config(converted, tmp_path / "out", runner="subprocess")
+    rec = run_interactive_external_record(executor, "m[subprocess,interactive]", "m", converted / "imgs" / CASES[1],
+                                          cfg, 1, prompts=["box"])
+    assert rec["status"] == "ok", rec["error"]
+    assert len(executor.calls) == 6 and len({inputs for inputs, _ in executor.calls}) == 6  # a fresh folder each
+    assert {name for _, name in executor.calls} == {CASES[1]}
+    assert rec["timing_mode"] == "end-to-end" and rec["seconds_per_step"] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert rec["seconds"] == pytest.approx(5.25) and rec["peak_rss_mb"] == 60.0 and rec["memory_method"] == "test"
+    assert rec["exit_codes"] == [0] * 6 and rec["n_boxes"] >= 1 and rec["prompts"] == ["box"]
+
+
+# ------------------------------------------------------------------------------ --runner subprocess
+
+@pytest.mark.slow
+def test_subprocess_runs_six_processes_per_case_with_the_natives_segs(converted, tmp_path):
+    out = tmp_path / "out"
+    assert run(config(converted, out)).errors == 0  # the native run, for comparison
+    report = run(config(converted, out, runner="subprocess"))
+    assert (report.done, report.errors) == (2, 0)
+    recs = records(out)
+    for name in CASES:
+        r, native = recs[("boxfill[subprocess,interactive]", name)], recs[("boxfill[interactive]", name)]
+        assert r["status"] == "ok", r["error"]
+        assert r["runner"] == "subprocess" and r["timing_mode"] == "end-to-end" and r["protocol"] == "interactive"
+        assert len(r["steps"]) == 6 and len(r["seconds_per_step"]) == 6 and r["exit_codes"] == [0] * 6
+        # a process start, imports and the model load per step: far above the native step's segmentation
+        assert min(r["seconds_per_step"]) > 0.2 and r["seconds"] == pytest.approx(sum(r["seconds_per_step"]))
+        assert r["peak_rss_mb"] > 20 and r["memory_method"].startswith("VmHWM")
+        assert [s["clicks"] for s in r["steps"]] == [s["clicks"] for s in native["steps"]]
+        assert r["dsc_per_step"] == native["dsc_per_step"] and r["nsd_per_step"] == native["nsd_per_step"]
+        with np.load(out / r["segs"]) as a, np.load(out / native["segs"]) as b:
+            assert np.array_equal(a["all_segs"], b["all_segs"]) and a["all_segs"].shape[0] == 6
+        print(f"\n{name}: subprocess seconds per step {[round(s, 2) for s in r['seconds_per_step']]}, "
+              f"native {[round(s, 4) for s in native['seconds_per_step']]}, peak {r['peak_rss_mb']:.0f} MB")
+    models = json.loads((out / "models.json").read_text())
+    entry = models["boxfill[subprocess,interactive]"]
+    assert entry["protocol"] == "interactive" and entry["runner"] == "subprocess" and entry["prompts"] == ["box"]
+    assert not (out / ".interactive").exists() and not list(out.glob(".case.*"))
+    again = run(config(converted, out, runner="subprocess"))  # resume: nothing runs again
+    assert (again.done, again.skipped) == (0, 2)
+
+
+CLICK_PLUGIN = textwrap.dedent(
+    '''
+    """Box-fills, and fails once the input carries two clicks per class (step 3)."""
+    import numpy as np
+    from harness import SegmenterSpec, hookimpl
+
+    class Tired:
+        def segment(self, case):
+            if case.clicks and max(len(c) for c in case.clicks.values()) >= 2:
+                raise RuntimeError("too many clicks for this model")
+            segs = np.zeros(case.spatial_shape, np.uint8)
+            for i, (x0, y0, z0, x1, y1, z1) in enumerate(case.boxes):
+                segs[z0:z1 + 1, y0:y1 + 1, x0:x1 + 1] = i + 1
+            return segs
+
+        def describe(self):
+            return {"params": 1, "flops": 1, "weights": None}
+
+    @hookimpl
+    def harness_segmenters():
+        return [SegmenterSpec(name="tired", title="Tired", family="test", load=lambda o: Tired(),
+                              prompts=frozenset({"box", "points"}))]
+    '''
+)
+
+
+@pytest.mark.slow
+def test_subprocess_a_step_whose_process_fails_is_an_error_row_naming_it(converted, tmp_path):
+    env = install_fake_plugin(tmp_path / "site", "tired_plugin", CLICK_PLUGIN, "tired", "0.1", "tired")
+    data = tmp_path / "data"
+    for sub in ("imgs", "gts"):
+        (data / sub).mkdir(parents=True)
+        shutil.copy(converted / sub / CASES[1], data / sub / CASES[1])
+    out = tmp_path / "out"
+    result = harness_cli(["run", "--protocol", "interactive", "--models", "tired", "--runner", "subprocess",
+                          "--data", str(data), "--out", str(out), "--no-progress"], env=env, timeout=600)
+    assert result.returncode == 1, result.stderr
+    rec = records(out)[("tired[subprocess,interactive]", CASES[1])]
+    assert rec["status"] == "error" and rec["exit_codes"] == [0, 0, 1]
+    assert "step 3" in rec["error"] and "harness predict exited with status 1" in rec["error"]
+    assert "too many clicks for this model" in rec["error"]  # the child's log tail
+    assert not (out / ".interactive").exists() and not list(out.glob(".case.*"))
+
+
+# ----------------------------------------------------------------------------------- settings
+
+def test_the_external_runners_take_the_protocol_and_docker_defaults_to_32g(tmp_path):
+    cfg = config(tmp_path, tmp_path / "out", runner="subprocess", timeout=30.0, memory="4g")
+    assert type(check_config(cfg)).__name__ == "InteractiveSubprocessRunner"
+    cfg = config(tmp_path, tmp_path / "out", runner="docker")
+    runner = check_config(cfg)
+    assert type(runner).__name__ == "InteractiveDockerRunner" and runner.default_memory == INTERACTIVE_MEMORY == "32G"
+    assert runner.foreign_entry("team:latest", set(), cfg) == "team[interactive]"
+    assert runner.foreign_entry("boxfill:latest", {"boxfill"}, cfg) == "boxfill[docker,interactive]"
+    assert not (tmp_path / "out").exists()

@@ -172,7 +172,8 @@ def test_a_failing_segmenter_is_an_error_row_naming_the_step(converted, tmp_path
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"runner": "subprocess"}, "native only"),
+    ({"runner": "ray"}, "native, subprocess or docker"),
+    ({"runner": "native", "image": "team.tar.gz"}, "--image"),
     ({"timeout": 5.0}, "--timeout"),
     ({"clicks": -1}, "--clicks"),
     ({"protocol": "bogus"}, "unknown protocol"),

@@ -3,7 +3,8 @@
 This is a thin layer over :func:`harness.run.run`: the driver's results store, resume, in-flight markers
 and per-case error records are used as they are; what changes is how one (model, case) pair runs. For
 each pair, :func:`harness.interactive.protocol.run_interactive_case` runs the box step and ``--clicks``
-click steps (default 5) with a step function that
+click steps (default 5) with a step function; the native runner's step function (an external runner's
+starts ``harness predict`` or a container instead, which does the same in that process)
 
 1. reads the step's rewritten input file with the restricted reader
    (:func:`harness.interactive.safe_npz.read_interactive_input`);
@@ -35,7 +36,14 @@ reading the input and building the case included), ``peak_rss_mb`` (the largest 
 
 Resume is per case: a case is recorded only when all its steps ran; an interrupted case is run again
 from step 1 (its working folder ``OUT/.interactive/<entry>/<case>/`` is cleared first and removed once
-its record is stored). Only the native runner, in this process, runs the protocol so far.
+its record is stored).
+
+Runners: ``--runner native`` (the default: :class:`InteractiveRunner`, the model loaded once in this
+process, each step timed as the native runner times a case), ``--runner subprocess`` and ``--runner
+docker`` / ``--image`` (:mod:`harness.interactive.external`: each step one fresh ``harness predict``
+process or container on the step's input file alone, as the official evaluator runs it, timed end to
+end; ``-m 32G`` for docker unless ``--memory`` is given). :func:`interactive_runner` picks one;
+:func:`protocol_record` is the part they share.
 """
 from __future__ import annotations
 
@@ -69,7 +77,8 @@ if TYPE_CHECKING:
     from harness.run import RunConfig
     from harness.specs import SegmenterSpec
 
-__all__ = ["PROTOCOLS", "InteractiveRunner", "case_from_input", "run_interactive_record", "accepted_prompts"]
+__all__ = ["PROTOCOLS", "PROTOCOL_RUNNERS", "InteractiveRunner", "interactive_runner", "check_protocol",
+           "case_from_input", "run_interactive_record", "protocol_record", "accepted_prompts"]
 
 #: ``harness run --protocol``: the 2024 one-box protocol (default) and the 2025 interactive one.
 PROTOCOLS = ("standard", "interactive")
@@ -131,12 +140,8 @@ def run_interactive_record(segmenter, entry: str, spec: "SegmenterSpec", case_pa
     """Run one case through the protocol with a loaded segmenter; the record (an error record for a bad
     case, a failing step or a segmenter error: never raises for those)."""
     record = new_record(entry, spec.name, case_path, config, threads, TIMING_MODE, backend)
-    n_clicks = int(getattr(config, "clicks", DEFAULT_CLICKS))
     prompts = accepted_prompts(spec, segmenter)
-    record.update(protocol="interactive", n_clicks=n_clicks, prompts=sorted(prompts),
-                  modality=modality_from_name(case_path.name), dim="3D")
-    stage = Stage("running the interactive protocol")
-    work = config.out_dir / WORK_DIR / entry / case_path.name
+    record.update(prompts=sorted(prompts))
     timings: list[tuple[float, float | None, str | None]] = []
     described: dict = {}
 
@@ -149,6 +154,21 @@ def run_interactive_record(segmenter, entry: str, spec: "SegmenterSpec", case_pa
         timings.append((seconds, mem.mb, mem.method))
         return check_segs(segs, case)
 
+    return protocol_record(record, entry, case_path, config, step, timings, described)
+
+
+def protocol_record(record: dict, entry: str, case_path: Path, config: "RunConfig", step, timings: list,
+                    described: dict) -> dict:
+    """Run ``case_path`` through the protocol's steps with ``step`` (a
+    :data:`~harness.interactive.protocol.StepFunction` that appends ``(seconds, peak_mb, memory_method)`` to
+    ``timings`` for each step it runs) and complete ``record`` (from :func:`new_record`) with the protocol's
+    fields; ``described``: fields the step function learnt of the case (``n_boxes``, ``warnings``). An
+    error record for a bad case or a failing step, naming the step: never raises for those. Every runner
+    of the protocol (native, subprocess, docker) ends a case here."""
+    n_clicks = int(getattr(config, "clicks", DEFAULT_CLICKS))
+    record.update(protocol="interactive", n_clicks=n_clicks, modality=modality_from_name(case_path.name), dim="3D")
+    stage = Stage("running the interactive protocol")
+    work = config.out_dir / WORK_DIR / entry / case_path.name
     try:
         gts_path = config.data_dir / "gts" / case_path.name
         if not (gts_path.is_file() or gts_path.is_symlink()):
@@ -213,6 +233,37 @@ def run_interactive_record(segmenter, entry: str, spec: "SegmenterSpec", case_pa
     return finish_record(record)
 
 
+#: The runners that run the protocol: native (:class:`InteractiveRunner`), subprocess and docker
+#: (:mod:`harness.interactive.external`: one process or container per step).
+PROTOCOL_RUNNERS = ("native", "subprocess", "docker")
+
+
+def check_protocol(config: "RunConfig") -> None:
+    """The protocol's own settings, whatever the runner: no ``--box-jitter``, a whole ``--clicks``."""
+    if getattr(config, "box_jitter", None) is not None:
+        raise RunnerError("--box-jitter and --protocol interactive cannot be combined (the protocol's boxes "
+                          "come with its inputs)")
+    clicks = getattr(config, "clicks", DEFAULT_CLICKS)
+    if not isinstance(clicks, int) or clicks < 0:
+        raise RunnerError(f"--clicks {clicks!r}: expected a whole number of click steps, 0 or more")
+
+
+def interactive_runner(config: "RunConfig") -> Runner:
+    """The runner of ``--protocol interactive`` for ``config.runner``, not yet checked: native
+    (:class:`InteractiveRunner`), subprocess or docker (one process / container per step,
+    :mod:`harness.interactive.external`); RunnerError for any other, and for ``--image`` without docker."""
+    if config.runner not in PROTOCOL_RUNNERS:
+        raise RunnerError(f"--protocol interactive runs with --runner {', '.join(PROTOCOL_RUNNERS[:-1])} or "
+                          f"{PROTOCOL_RUNNERS[-1]}, not {config.runner}")
+    if getattr(config, "image", None) and config.runner != "docker":
+        raise RunnerError(f"--image runs a docker image; it needs --runner docker, not {config.runner}")
+    if config.runner == "native":
+        return InteractiveRunner()
+    from harness.interactive.external import InteractiveDockerRunner, InteractiveSubprocessRunner
+
+    return InteractiveSubprocessRunner() if config.runner == "subprocess" else InteractiveDockerRunner()
+
+
 class InteractiveRunner(Runner):
     """The native runner for ``--protocol interactive``: the model loaded once in this process, each case
     run through the protocol's steps (:func:`run_interactive_record`)."""
@@ -225,16 +276,12 @@ class InteractiveRunner(Runner):
 
     def check(self, config: "RunConfig") -> None:
         if config.runner != "native":
-            raise RunnerError(f"--protocol interactive runs with --runner native only so far, not {config.runner}")
+            raise RunnerError(f"the native protocol runner cannot run --runner {config.runner}")
         if config.isolate or config.timeout is not None or config.memory:
-            raise RunnerError("--protocol interactive runs in this process only so far: --isolate, --timeout and "
-                              "--memory are not supported with it")
-        if getattr(config, "box_jitter", None) is not None:
-            raise RunnerError("--box-jitter and --protocol interactive cannot be combined (the protocol's boxes "
-                              "come with its inputs)")
-        clicks = getattr(config, "clicks", DEFAULT_CLICKS)
-        if not isinstance(clicks, int) or clicks < 0:
-            raise RunnerError(f"--clicks {clicks!r}: expected a whole number of click steps, 0 or more")
+            raise RunnerError("--protocol interactive with the native runner runs in this process: --isolate, "
+                              "--timeout and --memory are not supported with it (--runner subprocess or docker "
+                              "take --timeout and --memory, per step)")
+        check_protocol(config)
 
     def targets(self, specs, config, plugins: "HarnessPlugins", threads: int, log=print) -> list[Target]:
         return [self._target(spec, config, plugins, threads) for spec in specs]

@@ -54,9 +54,9 @@ class DockerExecutor:
     runner = "docker"
     what = "the container"
 
-    def __init__(self, client, image: str, config):
+    def __init__(self, client, image: str, config, default_memory: str = DEFAULT_MEMORY):
         self.client, self.image, self.config = client, image, config
-        self.memory = config.memory or DEFAULT_MEMORY
+        self.memory = config.memory or default_memory
         self.limit_bytes = parse_memory(self.memory)
         self.systemd = (client.info().get("CgroupDriver") == "systemd")
         self.cgroup_version = _cgroup_version()
@@ -255,10 +255,24 @@ class DockerRunner(Runner):
     label = "docker"
     order = 20
     description = "one container per case (`sh predict.sh`, as the challenge runs it), timed end to end"
+    default_memory = DEFAULT_MEMORY  # a container's memory limit when --memory is not given
+
+    def case_function(self, executor, entry: str, segmenter: str, config, threads: int, spec=None):
+        """What runs one case of ``entry`` (the record it returns): here one container
+        (:func:`run_external_case`); the interactive protocol's sibling runs its steps instead."""
+        return lambda case_path: run_external_case(executor, entry, segmenter, case_path, config, threads)
+
+    def entry_facts(self, config, spec=None) -> dict:
+        """Fields added to the entry's models.json facts (the interactive protocol's sibling adds its own)."""
+        return {}
+
+    def foreign_entry(self, tag: str, known: set[str], config) -> str:
+        """The entry of a foreign image (:func:`image_entry_name`)."""
+        return image_entry_name(tag, known)
 
     def check(self, config) -> None:
         check_timeout(config)
-        parse_memory(config.memory or DEFAULT_MEMORY)
+        parse_memory(config.memory or self.default_memory)
         changed = [f"--{key} {value}" for key, value in changed_choices(config).items()]
         if changed:
             raise RunnerError(f"--runner docker runs an image's predict.sh as built (the defaults: "
@@ -274,16 +288,17 @@ class DockerRunner(Runner):
 
         client = _connect()
         container_threads = default_threads()  # a container sees every CPU (no --cpus), as the challenge's
-        facts = {"runner": self.name, "timing_mode": TIMING_MODE, "memory_limit": config.memory or DEFAULT_MEMORY}
+        facts = {"runner": self.name, "timing_mode": TIMING_MODE, "memory_limit": config.memory or self.default_memory}
 
-        def target(entry: str, segmenter: str, describe, tag_of) -> Target:
+        def target(entry: str, segmenter: str, describe, tag_of, spec=None) -> Target:
             def open_() -> FunctionSession:
                 info = describe()
                 tag = tag_of(info)
-                update_models(config.out_dir, entry, {**info, **_image_facts(client, tag), **facts})
-                executor = DockerExecutor(client, tag, config)
-                return FunctionSession(lambda case_path: run_external_case(executor, entry, segmenter, case_path,
-                                                                           config, container_threads))
+                update_models(config.out_dir, entry, {**info, **_image_facts(client, tag), **facts,
+                                                      **self.entry_facts(config, spec)})
+                executor = DockerExecutor(client, tag, config, default_memory=self.default_memory)
+                return FunctionSession(self.case_function(executor, entry, segmenter, config, container_threads,
+                                                          spec))
 
             return Target(entry, open_, runner=self.name, timing_mode=TIMING_MODE)
 
@@ -294,12 +309,12 @@ class DockerRunner(Runner):
             tag = _resolve_image(client, config.image, log)
             if specs:  # the image is one of ours (or claims to be): rank it as that segmenter
                 spec = specs[0]
-                return [target(entry_name(spec, config), spec.name, described(spec), lambda info: tag)]
-            entry = image_entry_name(tag, set(plugins.segmenters()))
+                return [target(entry_name(spec, config), spec.name, described(spec), lambda info: tag, spec)]
+            entry = self.foreign_entry(tag, set(plugins.segmenters()), config)
             foreign = {"segmenter": entry, "tags": [self.name], "title": tag, "family": "submission",
                        "resolution": None, "reference": "", "plugin": None, "reported": None, "params": None,
                        "flops": None, "weights": None}
             return [target(entry, entry, lambda: dict(foreign), lambda info: tag)]
         return [target(entry_name(spec, config), spec.name, described(spec),
-                       lambda info, spec=spec: harness_image(client, spec.name, config, info, log))
+                       lambda info, spec=spec: harness_image(client, spec.name, config, info, log), spec)
                 for spec in specs]

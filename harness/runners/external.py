@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import numpy as np
 
@@ -80,42 +81,63 @@ def with_log(problem: str, log: str) -> str:
 def read_output(outputs: Path, case: Case, case_path: Path, what: str) -> np.ndarray:
     """``OUTPUT/<case>.npz``, checked: present under the case's name, key ``segs``, the case's spatial
     shape, integer labels. Raises :class:`CaseRunError` naming the case file."""
-    target = outputs / case.name
+    return read_named_output(outputs, case.name, case.spatial_shape, case_path, what)
+
+
+def read_named_output(outputs: Path, name: str, shape, case_path: Path, what: str) -> np.ndarray:
+    """:func:`read_output` for a file ``name`` of spatial shape ``shape``."""
+    target = outputs / name
     if not target.is_file():
         found = sorted(p.name for p in outputs.iterdir() if not p.name.startswith("."))
         listing = f"it wrote {', '.join(found)}" if found else "the outputs folder is empty"
-        raise CaseRunError(case_path, f"{what} wrote no output named {case.name} ({listing})")
+        raise CaseRunError(case_path, f"{what} wrote no output named {name} ({listing})")
     try:
-        return load_segs(target, case.spatial_shape)
+        return load_segs(target, tuple(shape))
     except CaseError as exc:
-        raise CaseRunError(case_path, f"output {case.name} of {what}: {exc.problem}") from None
+        raise CaseRunError(case_path, f"output {name} of {what}: {exc.problem}") from None
 
 
-def run_external_case(executor, entry: str, segmenter: str, case_path: Path, config, threads: int | None) -> dict:
-    """One case through ``executor`` in fresh inputs/outputs folders; saved and scored as the native
-    runner does. Never raises for a problem of the case, the model or the image."""
-    record = new_record(entry, segmenter, case_path, config, threads, timing_mode=TIMING_MODE)
+def executor_fields(record: dict, executor, config) -> None:
+    """What a record of ``executor`` says of its limits: the image and memory limit of a container, the
+    timeout, the subprocess runner's ``--memory``."""
     if executor.runner == "docker":
         record.update(image=executor.image, memory_limit=executor.memory)
     if config.timeout:
         record["timeout_s"] = config.timeout
     if getattr(executor, "limits", None) is not None:  # the subprocess runner's --memory (RLIMIT_AS)
         record.update(executor.limits.record_fields())
+
+
+@contextmanager
+def case_folders(executor, case_file: Path, name: str | None = None) -> Iterator[tuple[Path, Path, Path]]:
+    """``(work, inputs, outputs)``: a fresh folder (:func:`_case_folder`) whose ``inputs`` holds a copy of
+    ``case_file`` alone (as ``name``, default its own name) and whose ``outputs`` is empty, readable and
+    writable by an image's non-root user; removed afterwards."""
+    with _case_folder(getattr(executor, "work_dir", None)) as tmp:
+        work = Path(tmp)
+        inputs, outputs = work / "inputs", work / "outputs"
+        inputs.mkdir()
+        outputs.mkdir()
+        target = inputs / (name or case_file.name)
+        shutil.copyfile(case_file, target)
+        # an image's non-root user must read the case and write its output
+        inputs.chmod(0o755)
+        target.chmod(0o644)
+        outputs.chmod(0o777)
+        yield work, inputs, outputs
+
+
+def run_external_case(executor, entry: str, segmenter: str, case_path: Path, config, threads: int | None) -> dict:
+    """One case through ``executor`` in fresh inputs/outputs folders; saved and scored as the native
+    runner does. Never raises for a problem of the case, the model or the image."""
+    record = new_record(entry, segmenter, case_path, config, threads, timing_mode=TIMING_MODE)
+    executor_fields(record, executor, config)
     stage = Stage()
     try:
         case = load_case(case_path)
         describe_case(record, case)
         stage.name = f"running {executor.what}"
-        with _case_folder(getattr(executor, "work_dir", None)) as tmp:
-            work = Path(tmp)
-            inputs, outputs = work / "inputs", work / "outputs"
-            inputs.mkdir()
-            outputs.mkdir()
-            shutil.copyfile(case_path, inputs / case_path.name)
-            # an image's non-root user must read the case and write its output
-            inputs.chmod(0o755)
-            (inputs / case_path.name).chmod(0o644)
-            outputs.chmod(0o777)
+        with case_folders(executor, case_path) as (work, inputs, outputs):
             outcome = executor.execute(inputs, outputs, work)
             record.update(seconds=outcome.seconds, peak_rss_mb=outcome.peak_mb, memory_method=outcome.memory_method,
                           exit_code=outcome.exit_code)

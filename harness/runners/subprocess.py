@@ -152,6 +152,15 @@ class SubprocessRunner(Runner):
     def check(self, config) -> None:
         Limits.of(config)  # a bad --timeout or --memory stops the run before any work
 
+    def case_function(self, executor, entry: str, segmenter: str, config, threads: int, spec=None):
+        """What runs one case of ``entry`` (the record it returns): here one run of ``executor``
+        (:func:`run_external_case`); the interactive protocol's sibling runs its steps instead."""
+        return lambda case_path: run_external_case(executor, entry, segmenter, case_path, config, threads)
+
+    def entry_facts(self, config, spec=None) -> dict:
+        """Fields added to the entry's models.json facts (the interactive protocol's sibling adds its own)."""
+        return {}
+
     def targets(self, specs, config, plugins, threads: int, log=print) -> list[Target]:
         out = []
         for spec in specs:
@@ -159,10 +168,10 @@ class SubprocessRunner(Runner):
 
             def open_(spec=spec, entry=entry) -> FunctionSession:
                 info = describe_model(spec, config, plugins, threads, variant_tags(spec, config))
-                update_models(config.out_dir, entry, {**info, "runner": self.name, "timing_mode": TIMING_MODE})
+                update_models(config.out_dir, entry, {**info, "runner": self.name, "timing_mode": TIMING_MODE,
+                                                      **self.entry_facts(config, spec)})
                 executor = SubprocessExecutor(spec.name, config, threads)
-                return FunctionSession(lambda case_path: run_external_case(executor, entry, spec.name, case_path,
-                                                                           config, threads))
+                return FunctionSession(self.case_function(executor, entry, spec.name, config, threads, spec))
 
             out.append(Target(entry, open_, runner=self.name, timing_mode=TIMING_MODE))
         return out

@@ -330,6 +330,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.tag and len(models) > 1:
         raise SystemExit("harness build: --tag names one image; give it with a single model")
     weights = _image_weights(args, "build")
+    if args.protocol == "interactive" and args.runtime == "slim":
+        raise SystemExit(_INTERACTIVE_SLIM.format(command="build"))
     try:
         client = connect()
     except EngineUnavailable as exc:
@@ -340,7 +342,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         try:
             info = build_model_image(args.runtime, model, tag=args.tag, weights=weights.get(model), client=client,
                                      log=_stderr, extra_weights=image_parts(model, weights),
-                                     compile_cache=args.compile_cache)
+                                     compile_cache=args.compile_cache, protocol=args.protocol)
         except (ImageBuildError, ValueError, FileNotFoundError, UnknownSegmenterError) as exc:
             print(f"harness build: {model}: {exc}", file=sys.stderr)
             failed += 1
@@ -365,6 +367,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     team = (args.team or team_from_archive(out)).lower()
     weights = _image_weights(args, "export")
+    if args.protocol == "interactive" and args.runtime == "slim":
+        raise SystemExit(_INTERACTIVE_SLIM.format(command="export"))
     try:
         client = connect()
     except EngineUnavailable as exc:
@@ -373,13 +377,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         info = build_model_image(args.runtime, args.model, tag=args.tag, weights=weights.get(args.model),
                                  client=client, log=_stderr, extra_weights=image_parts(args.model, weights),
-                                 compile_cache=args.compile_cache)
+                                 compile_cache=args.compile_cache, protocol=args.protocol)
         export_image(client, info.tag, out, team, log=_stderr)
     except (ImageBuildError, ValueError) as exc:
         print(f"harness export: {exc}", file=sys.stderr)
         return 1
     print(f"{out}  {team}:latest  ({info.tag}, {out.stat().st_size / 1e6:.0f} MB)")
     return 0
+
+
+_INTERACTIVE_SLIM = ("harness {command}: --protocol interactive needs the full runtime (--runtime full or auto): "
+                     "the slim runtime takes boxes only, not the 2025 inputs' clicks and previous prediction")
 
 
 def _add_image_parsers(sub) -> None:
@@ -389,6 +397,13 @@ def _add_image_parsers(sub) -> None:
     runtime_help = ("slim: the torch-free runtime on the model's exported OpenVINO graphs (numpy, OpenCV, "
                     "OpenVINO; tag <model>:<version>-slim); full: torch and the whole harness running `harness "
                     "predict`; auto (default): slim for the models that run on exported graphs, else full")
+    protocol_help = ("interactive: an image for the 2025 interactive protocol (a box, then clicks; one container per "
+                     "step): the full image (--runtime full; slim is refused, its torch-free runtime takes boxes "
+                     "only), whose predict.sh runs `harness predict`, which reads the 2025 inputs (boxes as "
+                     "per-class dicts, clicks, clicks_order, prev_pred; pickled keys through a restricted reader) "
+                     "and gives the clicks to models that take points (the SAM-family models); labelled "
+                     "org.medsam-harness.protocol=interactive. Run it with `harness run --protocol interactive "
+                     "--image TAG`. standard (default): the 2024 box-only protocol")
     cache_help = ("slim images: leave out the OpenVINO compiled-model cache made at build time (smaller by about "
                   "the graphs' size; each case then compiles the graphs at start-up, 0.4-0.8 s more here)")
     p = sub.add_parser("build", help="build challenge-style Docker images of segmenters (one per model)",
@@ -396,13 +411,15 @@ def _add_image_parsers(sub) -> None:
                                    "/workspace/predict.sh. Slim (--runtime slim, the default for models that "
                                    "run on exported OpenVINO graphs): numpy, OpenCV, OpenVINO and the torch-free "
                                    "runtime with the graphs in /opt/graphs. Full (--runtime full): CPU torch and "
-                                   "the harness in /opt/venv, the weights in /opt/weights, `harness predict`. "
+                                   "the harness in /opt/venv, the weights in /opt/weights, `harness predict` "
+                                   "(which also reads the 2025 interactive inputs: --protocol interactive). "
                                    "Needs a Docker engine "
                                    "(scripts/dockerd-local.sh start) and mmdebstrap for the first base image.")
     p.add_argument("--models", required=True, help="comma-separated segmenter names (see `harness plugins`)")
     p.add_argument("--tag", help="image tag (one model only; default medsam-harness/<model>:<version>)")
     p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH", help=weights_help)
     p.add_argument("--runtime", choices=("auto", "slim", "full"), default="auto", help=runtime_help)
+    p.add_argument("--protocol", choices=("standard", "interactive"), default="standard", help=protocol_help)
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help=cache_help)
     p.set_defaults(func=cmd_build)
 
@@ -417,6 +434,7 @@ def _add_image_parsers(sub) -> None:
     p.add_argument("--tag", help="tag of the model image (default medsam-harness/<model>:<version>)")
     p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME=PATH", help=weights_help)
     p.add_argument("--runtime", choices=("auto", "slim", "full"), default="auto", help=runtime_help)
+    p.add_argument("--protocol", choices=("standard", "interactive"), default="standard", help=protocol_help)
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help=cache_help)
     p.set_defaults(func=cmd_export)
 

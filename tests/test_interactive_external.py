@@ -1,6 +1,6 @@
 """The 2025 interactive protocol through the end-to-end runners (issue 18, item 3): `harness predict` on
 2025-format inputs, `--runner subprocess` (one `harness predict` process per step) on two converted 3D
-validation cases."""
+validation cases; `harness build --protocol interactive`."""
 from __future__ import annotations
 
 import json
@@ -297,3 +297,35 @@ def test_the_external_runners_take_the_protocol_and_docker_defaults_to_32g(tmp_p
     assert runner.foreign_entry("team:latest", set(), cfg) == "team[interactive]"
     assert runner.foreign_entry("boxfill:latest", {"boxfill"}, cfg) == "boxfill[docker,interactive]"
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ harness build
+
+@pytest.mark.parametrize("command", ["build", "export"])
+def test_build_protocol_interactive_makes_the_full_image_and_refuses_slim(tmp_path, monkeypatch, capsys, command):
+    import harness.container.client as client_module
+    import harness.container.model_image as model_image
+    from harness.cli import main
+    from harness.container.common import ImageInfo
+
+    built = []
+
+    def fake_build(model, **kw):
+        built.append((model, kw))
+        return ImageInfo(tag=f"medsam-harness/{model}:test", id="sha256:" + "0" * 64, size_bytes=1, model=model)
+
+    monkeypatch.setattr(client_module, "connect", lambda: object())
+    monkeypatch.setattr(model_image, "build_image", fake_build)
+    monkeypatch.setattr("harness.container.archives.export_image", lambda *a, **k: None)
+    which = ["--models", "litemedsam"] if command == "build" else ["--model", "litemedsam", "-o",
+                                                                   str(tmp_path / "team.tar.gz")]
+    if command == "export":
+        (tmp_path / "team.tar.gz").write_bytes(b"x")
+    # auto would pick the slim image for litemedsam; the protocol needs the full one, labelled
+    assert main([command, *which, "--protocol", "interactive"]) == 0
+    assert built == [("litemedsam", {"tag": None, "weights": None, "client": built[0][1]["client"],
+                                      "log": built[0][1]["log"], "extra_weights": {},
+                                      "labels": {"protocol": "interactive"}})]
+    with pytest.raises(SystemExit, match="needs the full runtime"):
+        main([command, *which, "--protocol", "interactive", "--runtime", "slim"])
+    assert len(built) == 1

@@ -126,6 +126,7 @@ def build_image(
     client=None,
     log: Log = print,
     extra_weights: Mapping[str, Path] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> ImageInfo:
     """Build the challenge-style image of segmenter ``model``.
 
@@ -134,6 +135,8 @@ def build_image(
     is built from (``medsam`` for a distilled student completed with MedSAM's decoder). Each file is
     baked into ``/opt/weights`` and passed to ``harness predict`` by ``predict.sh``. The model is loaded
     once on the host first, so a missing or unreadable weights file fails before any image is built.
+    ``labels``: more ``org.medsam-harness.*`` labels (``protocol: interactive`` from ``harness build
+    --protocol interactive``).
     """
     from harness.container.client import connect
 
@@ -171,10 +174,12 @@ def build_image(
         f"exec {VENV}/bin/harness predict --model {model} {args + ' ' if args else ''}"
         f"-i {WORKSPACE}/inputs -o {WORKSPACE}/outputs \"$@\"\n"
     )
+    extra_labels = dict(labels or {})
     labels = {
         "model": model, "version": __version__, "weights-sha256": weights_sha, "weights": weights_source,
         "runtime": runtime, "backend": backend or "none",
         **{f"weights-sha256.{name}": file_sha256(path) for name, (path, _) in extra.items()},
+        **extra_labels,
     }
     dockerfile = MODEL_DOCKERFILE.format(
         runtime=runtime, workspace=WORKSPACE, user=USER,

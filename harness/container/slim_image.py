@@ -316,14 +316,26 @@ def _labels(client, tag: str) -> dict:
 
 def build_model_image(runtime: str, model: str, tag: str | None = None, weights: Path | None = None, client=None,
                       log: Log = print, extra_weights: Mapping[str, Path] | None = None,
-                      compile_cache: bool = True) -> ImageInfo:
+                      compile_cache: bool = True, protocol: str = "standard") -> ImageInfo:
     """``harness build`` / ``harness export``'s image of ``model``: slim, full, or ``"auto"`` (slim where the
     model runs on exported OpenVINO graphs, else full, saying why). ``compile_cache``: see
-    :func:`build_slim_image`."""
+    :func:`build_slim_image`. ``protocol="interactive"``: the image must take the 2025 protocol's inputs
+    (per-class box dicts, clicks, the previous prediction), which only the full image's ``harness predict``
+    reads (the slim runtime takes boxes only): ``"auto"`` becomes full, ``"slim"`` is a ValueError, and the
+    image is labelled ``org.medsam-harness.protocol=interactive``."""
     from harness.container.model_image import build_image
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}; expected one of {RUNTIMES}")
+    if protocol not in ("standard", "interactive"):
+        raise ValueError(f"protocol {protocol!r}; expected standard or interactive")
+    if protocol == "interactive":
+        if runtime == "slim":
+            raise ValueError("--protocol interactive needs the full runtime: the slim runtime takes boxes only, not "
+                             "the 2025 inputs' clicks and previous prediction (use --runtime full or auto)")
+        log(f"{model}: building the full image (--protocol interactive: `harness predict` reads the 2025 inputs)")
+        return build_image(model, tag=tag, weights=weights, client=client, log=log, extra_weights=extra_weights,
+                           labels={"protocol": "interactive"})
     if runtime != "full":
         try:
             return build_slim_image(model, tag=tag, weights=weights, client=client, log=log, extra_weights=extra_weights,

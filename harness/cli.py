@@ -559,10 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="memory limit such as 4g or 512m. docker: the container's (a cgroup's, resident memory; "
                         "default 8G, the challenge's; 32G with --protocol interactive, the 2025 evaluator's). "
-                        "native (isolated worker) and subprocess: RLIMIT_AS, a cap on "
-                        "the segmenting process's address space (virtual memory, not resident memory: runtimes that "
-                        "reserve large virtual areas may need more); an allocation past it is an error naming the "
-                        "limit. Default there: no limit")
+                        "native (isolated worker) and subprocess: a memory cgroup per "
+                        "process where the harness can make one (resident memory; the kernel's OOM kill is the "
+                        "evidence), else RLIMIT_AS, a cap on the process's address space (virtual memory: runtimes "
+                        "that reserve large virtual areas may need more; HARNESS_MEMORY_LIMIT=rlimit|cgroup picks). "
+                        "Going past it is an error naming the limit. Default there: no limit")
     _add_max_case_gb(p)
     p.add_argument("--retry-errors", action="store_true", help="run again the cases recorded as errors")
     p.add_argument("--box-jitter", default=None, metavar="LEVELS",

@@ -27,7 +27,8 @@ from helpers import DEMO, harness_cli, install_fake_plugin
 
 # Box fill, except on the cases RUNAWAY names (case=what,...): exit (sys.exit(3)), _exit (os._exit(7)),
 # hang (sleeps an hour), spawn (starts a helper process, then hangs), leave (starts one and returns), alloc
-# (2 GB in 100 MB steps). LOAD_SECONDS: a slow model load.
+# (2 GB in 100 MB steps, each page written: resident memory, what a cgroup limit counts, and address
+# space, what RLIMIT_AS counts). LOAD_SECONDS: a slow model load.
 RUNAWAY_PLUGIN = textwrap.dedent(
     '''
     import os, sys, time
@@ -56,7 +57,9 @@ RUNAWAY_PLUGIN = textwrap.dedent(
             if what == "alloc":
                 held = []
                 for _ in range(20):
-                    held.append(np.zeros(100 * 1024 * 1024, np.uint8))  # address space; pages on first touch
+                    block = np.empty(100 * 1024 * 1024, np.uint8)
+                    block[::4096] = 1  # one byte per page: every page resident, quickly
+                    held.append(block)
             segs = np.zeros(case.spatial_shape, np.uint16)
             for i, b in enumerate(case.boxes.astype(int)):
                 if case.dim == 2:
@@ -103,8 +106,13 @@ def expected_error(what: str, runner: str, timeout: int) -> str:
         "_exit": "harness predict exited with status 7" if predict else
                  "the segmenter's worker exited with status 7 while segmenting this case",
         "hang": f"exceeded --timeout {timeout} s (killed)",
-        "alloc": "exceeded --memory 1 GiB (RLIMIT_AS)",
+        "alloc": f"exceeded --memory 1 GiB ({mechanism()})",
     }[what]
+
+
+def mechanism() -> str:
+    """What enforces --memory for this test process's children: ``cgroup`` where one can be made here."""
+    return Limits.of(RunConfig(models=["x"], data_dir=Path("."), out_dir=Path("."), memory="1g")).mechanism
 
 
 def _run_all_faults(tmp_path, env, runner: str, timeout: int) -> None:
@@ -129,7 +137,10 @@ def _run_all_faults(tmp_path, env, runner: str, timeout: int) -> None:
         assert expected_error(what, runner, timeout) in rec["error"], rec["error"]
         assert str(DEMO / "imgs" / case) in rec["error"]
     assert not list(out.glob(f".case.*{TEMP_SUFFIX}"))  # the case folders went with their cases
-    assert all(r["timeout_s"] == timeout and r["memory_limit"] == "1 GiB (RLIMIT_AS)" for r in recs.values())
+    assert all(r["timeout_s"] == timeout and r["memory_limit"] == f"1 GiB ({mechanism()})" for r in recs.values())
+    if mechanism() == "cgroup":  # the kernel's OOM kill, counted in the child's own group
+        assert "the kernel's OOM killer ended it" in recs["2DBox_Microscopy_dsb2018-t1.npz"]["error"]
+    assert not _harness_cgroups()  # every child's group was removed with it
     if runner == "native":
         assert all(r["isolated"] and r["timing_mode"] == "in-process" for r in recs.values())
         assert recs[GOOD[0]]["peak_rss_mb"] > 0  # measured in the worker
@@ -137,7 +148,7 @@ def _run_all_faults(tmp_path, env, runner: str, timeout: int) -> None:
 
 @pytest.mark.slow
 def test_native_isolated_worker_survives_exit_os_exit_hang_and_allocation(tmp_path, runaway_env):
-    _run_all_faults(tmp_path, {**runaway_env, "LOAD_SECONDS": "1.5"}, "native", timeout=2)
+    _run_all_faults(tmp_path, {**runaway_env, "LOAD_SECONDS": "1.5"}, "native", timeout=5)  # room for the alloc case to reach the limit on a busy machine
 
 
 @pytest.mark.slow
@@ -257,6 +268,12 @@ def test_memory_sizes_and_limit_texts():
     assert limits.failed_allocation("RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried ...")
     assert limits.failed_allocation("MemoryError: Unable to allocate 100. MiB") and not limits.failed_allocation("ok")
     assert not Limits().failed_allocation("MemoryError")  # no limit in force: nothing to name
+    by_cgroup = Limits(memory=4 * 1024 ** 3, cgroup=True)
+    assert by_cgroup.memory_label == "--memory 4 GiB (cgroup)"
+    assert by_cgroup.record_fields() == {"memory_limit": "4 GiB (cgroup)"}
+    # under a cgroup an allocation does not fail at the limit (the kernel kills instead): a MemoryError is not it
+    assert not by_cgroup.failed_allocation("MemoryError: x") and not by_cgroup.reached_memory(4 * 1024 ** 2)
+    assert by_cgroup.cgroup_problem(None) is None
     assert exit_text(3) == "exited with status 3" and exit_text(-9) == "was killed by signal SIGKILL"
     assert exit_text(-11) == "was killed by signal SIGSEGV"
 
@@ -352,6 +369,7 @@ def test_allocation_past_the_limit_in_the_worker_names_the_limit(tmp_path, runaw
     for key in ("PYTHONPATH", "RUNAWAY"):
         monkeypatch.setenv(key, runaway_env[key])
     monkeypatch.delenv("HARNESS_LOAD_PLUGINS", raising=False)
+    monkeypatch.setenv("HARNESS_MEMORY_LIMIT", "rlimit")  # the fallback where no cgroup can be made
     config = RunConfig(models=["boxfill"], data_dir=DEMO, out_dir=tmp_path, memory="1g")
     spec = HarnessPlugins().get("boxfill")
     session = IsolatedSession("runaway", load_options(spec, config, 1), Limits.of(config), run_case=None)
@@ -419,3 +437,69 @@ def test_helpers_a_segmenter_leaves_running_end_with_its_process(tmp_path, runaw
     result = harness_cli(args, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert _gone(int(pid_file.read_text()), timeout=5), "the segmenter's helper process outlived the run"
+
+
+def _harness_cgroups() -> list[Path]:
+    """Memory cgroups the harness made for this test process's children and left behind."""
+    from harness.runners.cgroups import PREFIX, _own_paths
+
+    found = []
+    for base in _own_paths():
+        if base is not None and base.is_dir():
+            found += [p for p in base.iterdir() if p.name.startswith(f"{PREFIX}")]
+    return found
+
+
+def test_allocation_past_a_cgroup_limit_is_the_kernels_oom_kill_named_as_the_limit(tmp_path, runaway_env, monkeypatch):
+    """Where the harness can make memory cgroups (root on cgroup v1, or a delegated v2 subtree), --memory
+    limits the worker's resident memory: past it the kernel's OOM killer ends the worker, the error names
+    the limit with the group's own OOM count as the evidence, the next case gets a fresh worker, and the
+    group is removed."""
+    from harness.cases import load_case
+    from harness.pluginmanager import HarnessPlugins
+    from harness.runners.base import CaseRunError
+    from harness.runners.case import load_options
+    from harness.runners.cgroups import _probe
+    from harness.runners.isolated import IsolatedSession
+
+    if _probe() is not None:
+        pytest.skip(f"no memory cgroup can be made here: {_probe()}")
+    for key in ("PYTHONPATH", "RUNAWAY"):
+        monkeypatch.setenv(key, runaway_env[key])
+    monkeypatch.delenv("HARNESS_LOAD_PLUGINS", raising=False)
+    monkeypatch.setenv("HARNESS_MEMORY_LIMIT", "cgroup")
+    config = RunConfig(models=["boxfill"], data_dir=DEMO, out_dir=tmp_path, memory="512m")
+    limits = Limits.of(config)
+    assert limits.cgroup and limits.memory_label == "--memory 512 MiB (cgroup)"
+    spec = HarnessPlugins().get("boxfill")
+    session = IsolatedSession("runaway", load_options(spec, config, 1), limits, run_case=None)
+    try:
+        first = session.worker
+        group = first.cgroup.path
+        procs = (group / "cgroup.procs").read_text().split()
+        assert str(first.proc.pid) in procs  # the worker joined its group before it ran anything
+        bad = DEMO / "imgs" / "2DBox_Microscopy_dsb2018-t1.npz"
+        with pytest.raises(CaseRunError) as err:
+            session.segment(load_case(bad), bad)
+        text = str(err.value)
+        assert "was killed by signal SIGKILL while segmenting this case" in text, text
+        assert "exceeded --memory 512 MiB (cgroup): the kernel's OOM killer ended it" in text, text
+        assert str(bad) in text
+        assert not group.exists()  # removed with its worker
+        good = DEMO / "imgs" / GOOD[0]
+        done = session.segment(load_case(good), good)
+        assert done.segs.max() >= 1 and session.worker is not first  # a fresh worker, in a fresh group
+        assert session.worker.cgroup.path != group
+    finally:
+        session.close()
+    assert not _harness_cgroups()
+
+
+def test_memory_limit_mode_is_read_from_the_environment(monkeypatch):
+    from harness.runners.cgroups import memory_limit_mode, use_cgroup
+
+    monkeypatch.setenv("HARNESS_MEMORY_LIMIT", "rlimit")
+    assert memory_limit_mode() == "rlimit" and use_cgroup() is False
+    monkeypatch.setenv("HARNESS_MEMORY_LIMIT", "sometimes")
+    with pytest.raises(RunnerError, match="HARNESS_MEMORY_LIMIT='sometimes'"):
+        memory_limit_mode()

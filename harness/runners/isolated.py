@@ -5,9 +5,9 @@ Nothing a segmenter does there can end or stall the run: ``sys.exit`` is an erro
 exception; ``os._exit``, a crash or a kill ends only the worker, and the case it was segmenting becomes an
 error record ("the segmenter's worker exited with status 7 / was killed by signal SIGSEGV while segmenting
 this case") while the next case starts a fresh worker; a case that runs past ``--timeout`` gets its worker
-killed ("exceeded --timeout 30 s"); ``--memory`` caps the worker's address space (``RLIMIT_AS``, see
-:mod:`harness.runners.limits` for what that does and does not measure), and an allocation past it is an
-error record naming the limit. The worker dies with the driver (``PR_SET_PDEATHSIG``).
+killed ("exceeded --timeout 30 s"); ``--memory`` limits the worker with a memory cgroup of its own where
+one can be made, else caps its address space (``RLIMIT_AS``; see :mod:`harness.runners.limits` for what
+each does and does not measure), and going past it is an error record naming the limit. The worker dies with the driver (``PR_SET_PDEATHSIG``).
 
 Timing is the native runner's (timing mode ``in-process``): ``seconds`` and ``peak_rss_mb`` are measured
 inside the worker around ``Segmenter.segment`` alone, as :func:`harness.runners.native.run_case` measures
@@ -77,17 +77,24 @@ class IsolatedWorker:
     def __init__(self, model: str, options, limits: Limits):
         self.limits = limits
         self.busy = False  # a case is in the worker now
+        self.cgroup = limits.new_cgroup()  # under a cgroup limit: the worker's own group, removed in kill()
         parent_end, child_end = multiprocessing.Pipe(duplex=True)
         fd = child_end.fileno()
         # its own session: a terminal's Ctrl-C reaches the driver, which stops the worker itself
-        self.proc = subprocess.Popen([sys.executable, "-m", "harness.runners.worker", str(fd)], pass_fds=(fd,),
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=child_setup(limits.memory))
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "harness.runners.worker", str(fd)], pass_fds=(fd,),
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=child_setup(limits.memory,
+                                                                self.cgroup.procs_file if self.cgroup else None))
+        except BaseException:
+            if self.cgroup:
+                self.cgroup.remove()
+            raise
         child_end.close()
         self.conn = parent_end
         self.started_at = time.monotonic()
         self.name = process_name(self.proc.pid)
-        peak = _VmPeak(self.proc.pid, fresh=True) if limits.memory else None
+        peak = _VmPeak(self.proc.pid, fresh=True) if limits.memory and not limits.cgroup else None
         if peak:
             peak.start()
         try:
@@ -121,7 +128,7 @@ class IsolatedWorker:
     def segment(self, case, case_path: Path) -> Segmented:
         """The case segmented in the worker, or :class:`CaseRunError` naming the case file and what ended it
         (the segmenter's exception, the worker's death, a limit)."""
-        peak = _VmPeak(self.proc.pid) if self.limits.memory else None
+        peak = _VmPeak(self.proc.pid) if self.limits.memory and not self.limits.cgroup else None
         if peak:
             peak.start()
         vm_peak = None
@@ -155,10 +162,13 @@ class IsolatedWorker:
         deadline = time.monotonic() + 10
         while self.alive() and time.monotonic() < deadline:  # the socket closed as it exits
             time.sleep(0.01)
+        by_cgroup = self.limits.cgroup_problem(self.cgroup)  # read before kill() removes the group
         self.kill()  # its process group's leftovers too; a worker that closed the socket but lives on ends here
         code = self.proc.returncode
         text = f"the segmenter's worker {exit_text(code)} {doing}"
-        if self.limits.reached_memory(vm_peak):
+        if by_cgroup:
+            text += f"; {by_cgroup}"
+        elif self.limits.reached_memory(vm_peak):
             text += f"; its address space had reached {self.limits.memory_label}"
         elif code < 0:
             oom = kernel_oom_kill(self.proc.pid, self.name, self.started_at)
@@ -175,6 +185,8 @@ class IsolatedWorker:
                 pass
         self.proc.wait()
         self.conn.close()
+        if self.cgroup is not None:
+            self.cgroup.remove()
 
     def close(self) -> None:
         """Ask an idle worker to stop, and kill it if it does not within :data:`STOP_GRACE_S`; kill a busy

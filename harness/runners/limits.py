@@ -8,18 +8,19 @@ runner; the ``docker`` runner limits its containers through the engine instead.
   ``preexec_fn``, before ``exec``), so a harness killed by SIGKILL (or the OOM killer) takes its children
   with it. Linux sends that signal when the *thread* that started the child ends, so children are started
   from the driver's main thread.
-* **Memory.** ``--memory`` is applied as ``RLIMIT_AS`` in the child: a cap on its *address space*
-  (virtual memory), not its resident memory. An allocation past it fails (Python raises MemoryError)
-  instead of the kernel killing the process. Runtimes that reserve large virtual areas up front (some
-  GPU drivers, JITs, allocators with big arenas, many threads' stacks) can hit the cap while using far
-  less physical memory; give them a larger ``--memory`` or run them in the docker runner, whose limit is
-  a cgroup's (resident memory).
-* **Out of memory, only with evidence.** A failure is put down to memory only when the limit says so (a
-  failed allocation under ``--memory``: MemoryError, ENOMEM, bad_alloc; or an address space that reached
-  it) or the kernel logged an OOM kill of that very process (``dmesg``, where this process may read it;
-  else nothing is said about memory).
-* **No cgroup.** A cgroup (resident memory, the kernel's own OOM accounting) is not created for these
-  processes: that needs a writable cgroup v2 tree with the memory controller delegated to the harness.
+* **Memory.** ``--memory`` puts each child in a memory cgroup of its own where this process can make one
+  (:mod:`harness.runners.cgroups`: resident memory, as docker's limit; past it the kernel's OOM killer
+  ends the child and counts the kill in the group). Elsewhere it is applied as ``RLIMIT_AS`` in the
+  child: a cap on its *address space* (virtual memory), not its resident memory. An allocation past it
+  fails (Python raises MemoryError) instead of the kernel killing the process. Runtimes that reserve
+  large virtual areas up front (some GPU drivers, JITs, allocators with big arenas, many threads'
+  stacks) can hit that cap while using far less physical memory; give them a larger ``--memory`` or run
+  them where cgroups can be made. Records and messages say which applied (``1 GiB (cgroup)``, ``1 GiB
+  (RLIMIT_AS)``).
+* **Out of memory, only with evidence.** A failure is put down to memory only when the limit says so (the
+  cgroup's count of OOM kills; under RLIMIT_AS a failed allocation: MemoryError, ENOMEM, bad_alloc, or an
+  address space that reached it) or the kernel logged an OOM kill of that very process (``dmesg``, where
+  this process may read it; else nothing is said about memory).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from harness.runners.base import RunnerError
+from harness.runners.cgroups import MemoryCgroup, use_cgroup
 
 PR_SET_PDEATHSIG = 1
 
@@ -71,16 +73,37 @@ class Limits:
 
     timeout: float | None = None
     memory: int | None = None
+    cgroup: bool = False  # ``memory`` enforced by a cgroup per child (else RLIMIT_AS)
 
     @classmethod
     def of(cls, config) -> "Limits":
         if config.timeout is not None and config.timeout <= 0:
             raise RunnerError(f"--timeout must be positive, got {config.timeout}")
-        return cls(config.timeout, parse_memory(config.memory) if config.memory else None)
+        memory = parse_memory(config.memory) if config.memory else None
+        return cls(config.timeout, memory, bool(memory) and use_cgroup())
+
+    @property
+    def mechanism(self) -> str:
+        return "cgroup" if self.cgroup else "RLIMIT_AS"
 
     @property
     def memory_label(self) -> str:
-        return f"--memory {format_bytes(self.memory)} (RLIMIT_AS)" if self.memory else ""
+        return f"--memory {format_bytes(self.memory)} ({self.mechanism})" if self.memory else ""
+
+    def new_cgroup(self) -> MemoryCgroup | None:
+        """A fresh memory cgroup for one child under a cgroup limit, else None."""
+        if not (self.memory and self.cgroup):
+            return None
+        try:
+            return MemoryCgroup.create(self.memory)
+        except OSError as exc:
+            raise RunnerError(f"could not make a memory cgroup for {self.memory_label}: {exc}") from None
+
+    def cgroup_problem(self, group: MemoryCgroup | None) -> str | None:
+        """The kernel's word that the cgroup limit ended a process of ``group``, or None."""
+        if group is None or group.oom_kills() == 0:
+            return None
+        return f"exceeded {self.memory_label}: the kernel's OOM killer ended it (the cgroup's own count)"
 
     def timeout_problem(self) -> str:
         return f"exceeded --timeout {self.timeout:g} s (killed)"
@@ -90,13 +113,14 @@ class Limits:
 
     def failed_allocation(self, text: str) -> bool:
         """Whether ``text`` (an error, a log) reports a failed allocation, which under ``--memory`` is the
-        address-space limit at work: Python's MemoryError, torch's and C's ENOMEM, C++'s bad_alloc."""
-        return bool(self.memory) and any(sign in text for sign in _ALLOCATION_FAILED)
+        address-space limit at work: Python's MemoryError, torch's and C's ENOMEM, C++'s bad_alloc. (Under a
+        cgroup an allocation does not fail at the limit: the kernel kills the process instead.)"""
+        return bool(self.memory) and not self.cgroup and any(sign in text for sign in _ALLOCATION_FAILED)
 
     def reached_memory(self, vm_peak_kb: int | None) -> bool:
         """Whether an address space that peaked at ``vm_peak_kb`` was at the limit (within 64 MiB or 5%:
         the allocation that failed is not counted in the peak)."""
-        if not self.memory or vm_peak_kb is None:
+        if not self.memory or self.cgroup or vm_peak_kb is None:
             return False
         return vm_peak_kb * 1024 >= self.memory - max(64 * 1024 ** 2, self.memory // 20)
 
@@ -106,20 +130,21 @@ class Limits:
         if self.timeout:
             out["timeout_s"] = self.timeout
         if self.memory:
-            out["memory_limit"] = f"{format_bytes(self.memory)} (RLIMIT_AS)"
+            out["memory_limit"] = f"{format_bytes(self.memory)} ({self.mechanism})"
         return out
 
 
 _ALLOCATION_FAILED = ("MemoryError", "Cannot allocate memory", "can't allocate memory", "bad_alloc")
 
 
-def child_setup(memory: int | None = None) -> Callable[[], None]:
+def child_setup(memory: int | None = None, cgroup_procs: str | None = None) -> Callable[[], None]:
     """A ``preexec_fn`` for ``subprocess.Popen``: SIGKILL the child when this process (its starting thread)
-    dies, and cap its address space at ``memory`` bytes. Runs between fork and exec: no imports, no locks."""
+    dies; then either join the memory cgroup whose ``cgroup.procs`` file is ``cgroup_procs``, or cap the
+    address space at ``memory`` bytes. Runs between fork and exec: no imports, no locks."""
     parent = os.getpid()
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     cap = None
-    if memory:
+    if memory and not cgroup_procs:
         cap = memory if hard == resource.RLIM_INFINITY else min(memory, hard)
 
     def setup() -> None:
@@ -127,6 +152,12 @@ def child_setup(memory: int | None = None) -> Callable[[], None]:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before the line above: do not outlive it
             os.kill(os.getpid(), signal.SIGKILL)
+        if cgroup_procs:
+            fd = os.open(cgroup_procs, os.O_WRONLY)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
         if cap is not None:
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 

@@ -9,8 +9,9 @@ count; only growth in the last poll interval before the exit can be missed. (``w
 is timed and checked.
 
 Limits (:mod:`harness.runners.limits`): ``--timeout`` kills the child's process group after that many
-seconds; ``--memory`` caps the child's address space (``RLIMIT_AS``), and a child that fails at the cap
-(a MemoryError in its log, or an address space that reached it) is an error naming the limit. The child
+seconds; ``--memory`` puts the child in a memory cgroup of its own where one can be made (the kernel's
+OOM kill in that group is the evidence), else caps its address space (``RLIMIT_AS``: a MemoryError in
+its log, or an address space that reached the cap); either way the error names the limit. The child
 is killed if this process dies (``PR_SET_PDEATHSIG``), even by SIGKILL. Its inputs and outputs folders
 are in ``OUT``, named ``.case.<pid>-<random>.medsam-harness.tmp`` (the pid is this process's): removed
 after each case, also on Ctrl-C; a run killed outright leaves one, which the next run in that ``OUT``
@@ -88,11 +89,19 @@ class SubprocessExecutor:
     def execute(self, inputs: Path, outputs: Path, work: Path) -> Outcome:
         log_path = work / "predict.log"
         timeout = self.limits.timeout
+        group = self.limits.new_cgroup()  # under a cgroup limit: this case's own group
+        try:
+            return self._execute(log_path, inputs, outputs, timeout, group)
+        finally:
+            if group is not None:
+                group.remove()
+
+    def _execute(self, log_path: Path, inputs: Path, outputs: Path, timeout, group) -> Outcome:
         with log_path.open("wb") as log_fh:
             start = time.perf_counter()
             proc = subprocess.Popen(self.command(inputs, outputs), stdin=subprocess.DEVNULL, stdout=log_fh,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=child_setup(self.limits.memory))
+                                    preexec_fn=child_setup(self.limits.memory, group.procs_file if group else None))
             started_at = time.monotonic()
             name = process_name(proc.pid)
             peak = _ChildPeak(proc.pid)
@@ -125,7 +134,10 @@ class SubprocessExecutor:
             problem = self.limits.timeout_problem()
         elif code != 0:
             problem = f"{self.what} {exit_text(code)}"
-            if self.limits.failed_allocation(log) or self.limits.reached_memory(peak.vm_kb):
+            by_cgroup = self.limits.cgroup_problem(group)
+            if by_cgroup:
+                problem += f"; {by_cgroup}"
+            elif self.limits.failed_allocation(log) or self.limits.reached_memory(peak.vm_kb):
                 problem = self.limits.memory_problem(problem)
             elif code < 0:
                 oom = kernel_oom_kill(proc.pid, name, started_at)

@@ -503,3 +503,25 @@ def test_memory_limit_mode_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("HARNESS_MEMORY_LIMIT", "sometimes")
     with pytest.raises(RunnerError, match="HARNESS_MEMORY_LIMIT='sometimes'"):
         memory_limit_mode()
+
+
+def test_a_group_left_by_a_harness_killed_outright_is_swept_and_a_live_ones_kept():
+    from harness.runners.cgroups import PREFIX, MemoryCgroup, _own_paths, _probe
+
+    if _probe() is not None:
+        pytest.skip(f"no memory cgroup can be made here: {_probe()}")
+    parent = next(p for p in _own_paths() if p is not None)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that no longer runs
+    stale = parent / f"{PREFIX}{dead.pid}-deadbeef"
+    stale.mkdir()
+    mine = MemoryCgroup.create(256 * 1024 ** 2)  # sweeps first
+    try:
+        assert not stale.exists() and mine.path.is_dir()
+        other = MemoryCgroup.create(256 * 1024 ** 2)  # this process is alive: its groups stay
+        assert mine.path.is_dir()
+        other.remove()
+    finally:
+        mine.remove()
+        if stale.exists():
+            stale.rmdir()

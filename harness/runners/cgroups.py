@@ -92,6 +92,24 @@ def _field(path: Path, key: str) -> int:
     return 0
 
 
+def _sweep(parent: Path | None) -> None:
+    """Remove the empty groups a harness process that no longer runs left in ``parent`` (one killed
+    outright cannot remove its own); a group still in use, or another user's, stays."""
+    if parent is None:
+        return
+    try:
+        children = [p for p in parent.iterdir() if p.name.startswith(PREFIX) and p.is_dir()]
+    except OSError:
+        return
+    for child in children:
+        pid = child.name[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            try:
+                child.rmdir()  # only an empty group can go
+            except OSError:
+                pass
+
+
 class MemoryCgroup:
     """One child's memory cgroup: made with a limit, joined by the child, read for its peak and its OOM
     kills, and removed (:meth:`remove`) when the child is done."""
@@ -104,6 +122,8 @@ class MemoryCgroup:
         """A new group limited to ``limit`` bytes inside this process's own memory cgroup; OSError (or
         RunnerError) when none can be made here."""
         v1, v2 = _own_paths()
+        _sweep(v1)
+        _sweep(v2)
         name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         if v1 is not None:
             path = v1 / name

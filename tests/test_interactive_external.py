@@ -1,6 +1,6 @@
 """The 2025 interactive protocol through the end-to-end runners (issue 18, item 3): `harness predict` on
 2025-format inputs, `--runner subprocess` (one `harness predict` process per step) on two converted 3D
-validation cases; `harness build --protocol interactive`."""
+validation cases, and `--runner docker` (one container per step) on one."""
 from __future__ import annotations
 
 import json
@@ -329,3 +329,33 @@ def test_build_protocol_interactive_makes_the_full_image_and_refuses_slim(tmp_pa
     with pytest.raises(SystemExit, match="needs the full runtime"):
         main([command, *which, "--protocol", "interactive", "--runtime", "slim"])
     assert len(built) == 1
+
+
+# ------------------------------------------------------------------------------------- --runner docker
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_docker_runs_one_container_per_step_with_the_natives_segs(converted, tmp_path, harness_images,
+                                                                  docker_client):
+    data = tmp_path / "data"
+    for sub in ("imgs", "gts"):
+        (data / sub).mkdir(parents=True)
+        shutil.copy(converted / sub / CASES[1], data / sub / CASES[1])
+    out = tmp_path / "out"
+    assert run(config(data, out)).errors == 0
+    tag = harness_images["boxfill"].tag
+    report = run(config(data, out, runner="docker", image=tag))  # the session's boxfill image, by tag
+    assert (report.done, report.errors) == (1, 0)
+    recs = records(out)
+    r, native = recs[("boxfill[docker,interactive]", CASES[1])], recs[("boxfill[interactive]", CASES[1])]
+    assert r["status"] == "ok", r["error"]
+    assert r["runner"] == "docker" and r["timing_mode"] == "end-to-end" and r["image"] == tag
+    assert r["memory_limit"] == "32G" and r["exit_codes"] == [0] * 6 and len(r["seconds_per_step"]) == 6
+    assert r["memory_method"].startswith("cgroup v") and r["peak_rss_mb"] > 20
+    assert r["dsc_per_step"] == native["dsc_per_step"]
+    with np.load(out / r["segs"]) as a, np.load(out / native["segs"]) as b:
+        assert np.array_equal(a["all_segs"], b["all_segs"])
+    print(f"\ndocker seconds per step {[round(s, 2) for s in r['seconds_per_step']]}, peak {r['peak_rss_mb']:.0f} MB")
+    from harness.runners.docker import EVALUATION_LABEL
+
+    assert docker_client.containers.list(all=True, filters={"label": EVALUATION_LABEL}) == []

@@ -1,6 +1,7 @@
 """The 2025 interactive protocol through the end-to-end runners (issue 18, item 3): `harness predict` on
 2025-format inputs, `--runner subprocess` (one `harness predict` process per step) on two converted 3D
-validation cases, and `--runner docker` (one container per step) on one."""
+validation cases, `--runner docker` (one container per step) on one with boxfill and one with litemedsam
+(clicks), and `harness build --protocol interactive`."""
 from __future__ import annotations
 
 import json
@@ -359,3 +360,28 @@ def test_docker_runs_one_container_per_step_with_the_natives_segs(converted, tmp
     from harness.runners.docker import EVALUATION_LABEL
 
     assert docker_client.containers.list(all=True, filters={"label": EVALUATION_LABEL}) == []
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_docker_litemedsam_with_clicks_gives_the_natives_segs_at_every_step(converted, tmp_path, harness_images):
+    """The harness's litemedsam image takes the clicks (points and the previous mask) in its fresh container
+    at each step, as the model does natively: identical segs per step."""
+    data = tmp_path / "data"
+    for sub in ("imgs", "gts"):
+        (data / sub).mkdir(parents=True)
+        shutil.copy(converted / sub / CASES[1], data / sub / CASES[1])
+    out = tmp_path / "out"
+    assert run(config(data, out, models=("litemedsam",))).errors == 0
+    tag = harness_images["litemedsam"].tag
+    assert run(config(data, out, models=("litemedsam",), runner="docker", image=tag)).errors == 0
+    recs = records(out)
+    r, native = recs[("litemedsam[docker,interactive]", CASES[1])], recs[("litemedsam[interactive]", CASES[1])]
+    assert r["status"] == "ok" and r["prompts"] == ["box", "mask", "points"] == native["prompts"]
+    assert [s["clicks"] for s in r["steps"]] == [s["clicks"] for s in native["steps"]]
+    assert r["dsc_per_step"] == native["dsc_per_step"]
+    with np.load(out / r["segs"]) as a, np.load(out / native["segs"]) as b:
+        assert np.array_equal(a["all_segs"], b["all_segs"])
+    print(f"\nlitemedsam DSC per step {[round(d, 4) for d in r['dsc_per_step']]}; docker seconds per step "
+          f"{[round(s, 2) for s in r['seconds_per_step']]} (native {[round(s, 2) for s in native['seconds_per_step']]}),"
+          f" peak {r['peak_rss_mb']:.0f} MB (native {native['peak_rss_mb']:.0f} MB)")

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.interactive.run import accepted_prompts, check_protocol, protocol_record
+from harness.interactive.run import check_protocol, protocol_record
 from harness.interactive.safe_npz import read_pickled_key, stored_shape
 from harness.runners.base import CaseRunError
 from harness.runners.case import new_record
@@ -90,14 +90,13 @@ def run_interactive_external_record(executor, entry: str, segmenter: str, case_p
 
 
 def _protocol_facts(config, spec=None) -> dict:
-    facts = {"protocol": "interactive", "n_clicks": config.clicks}
-    if spec is not None:
-        facts["prompts"] = sorted(accepted_prompts(spec))
-    return facts
+    return {"protocol": "interactive", "n_clicks": config.clicks}
 
 
-def _case_function(executor, entry: str, segmenter: str, config, threads: int, spec=None):
-    prompts = sorted(accepted_prompts(spec)) if spec is not None else None
+def _case_function(executor, entry: str, segmenter: str, config, threads: int, info: dict | None):
+    """Each case through the protocol's steps; ``info["prompts"]``: what the loaded segmenter takes, as
+    ``harness predict`` loads it (None for a foreign image)."""
+    prompts = (info or {}).get("prompts")
     return lambda case_path: run_interactive_external_record(executor, entry, segmenter, case_path, config, threads,
                                                              prompts)
 
@@ -106,13 +105,14 @@ class InteractiveSubprocessRunner(SubprocessRunner):
     """``--protocol interactive --runner subprocess``: one ``harness predict`` process per step."""
 
     description = "the 2025 interactive protocol, one `harness predict` process per step, timed end to end"
+    describe_prompts = True
 
     def check(self, config) -> None:
         super().check(config)
         check_protocol(config)
 
-    def case_function(self, executor, entry, segmenter, config, threads, spec=None):
-        return _case_function(executor, entry, segmenter, config, threads, spec)
+    def case_function(self, executor, entry, segmenter, config, threads, spec=None, info=None):
+        return _case_function(executor, entry, segmenter, config, threads, info)
 
     def entry_facts(self, config, spec=None) -> dict:
         return _protocol_facts(config, spec)
@@ -124,13 +124,14 @@ class InteractiveDockerRunner(DockerRunner):
 
     description = "the 2025 interactive protocol, one container per step (`sh predict.sh`), timed end to end"
     default_memory = INTERACTIVE_MEMORY
+    describe_prompts = True
 
     def check(self, config) -> None:
         super().check(config)
         check_protocol(config)
 
-    def case_function(self, executor, entry, segmenter, config, threads, spec=None):
-        return _case_function(executor, entry, segmenter, config, threads, spec)
+    def case_function(self, executor, entry, segmenter, config, threads, spec=None, info=None):
+        return _case_function(executor, entry, segmenter, config, threads, info)
 
     def entry_facts(self, config, spec=None) -> dict:
         return _protocol_facts(config, spec)

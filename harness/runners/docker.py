@@ -257,9 +257,13 @@ class DockerRunner(Runner):
     description = "one container per case (`sh predict.sh`, as the challenge runs it), timed end to end"
     default_memory = DEFAULT_MEMORY  # a container's memory limit when --memory is not given
 
-    def case_function(self, executor, entry: str, segmenter: str, config, threads: int, spec=None):
-        """What runs one case of ``entry`` (the record it returns): here one container
-        (:func:`run_external_case`); the interactive protocol's sibling runs its steps instead."""
+    describe_prompts = False  # the models.json facts include the prompts the loaded segmenter takes
+
+    def case_function(self, executor, entry: str, segmenter: str, config, threads: int, spec=None,
+                      info: dict | None = None):
+        """What runs one case of ``entry`` (the record it returns; ``info``: the entry's models.json facts):
+        here one container (:func:`run_external_case`); the interactive protocol's sibling runs its steps
+        instead."""
         return lambda case_path: run_external_case(executor, entry, segmenter, case_path, config, threads)
 
     def entry_facts(self, config, spec=None) -> dict:
@@ -298,12 +302,13 @@ class DockerRunner(Runner):
                                                       **self.entry_facts(config, spec)})
                 executor = DockerExecutor(client, tag, config, default_memory=self.default_memory)
                 return FunctionSession(self.case_function(executor, entry, segmenter, config, container_threads,
-                                                          spec))
+                                                          spec, info))
 
             return Target(entry, open_, runner=self.name, timing_mode=TIMING_MODE)
 
         def described(spec):
-            return lambda: describe_model(spec, config, plugins, threads, variant_tags(spec, config))
+            return lambda: describe_model(spec, config, plugins, threads, variant_tags(spec, config),
+                                          prompts=self.describe_prompts)
 
         if config.image:
             tag = _resolve_image(client, config.image, log)

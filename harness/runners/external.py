@@ -163,11 +163,18 @@ def _case_folder(parent: Path | None) -> tempfile.TemporaryDirectory:
 
 
 def describe_model(spec: SegmenterSpec, config: RunConfig, plugins: HarnessPlugins, threads: int,
-                   tags: list[str]) -> dict:
+                   tags: list[str], prompts: bool = False) -> dict:
     """The models.json entry of ``spec``: loaded once here, as the native runner does, for its facts
-    (parameters, FLOPs, weights and their checksum); the model is freed before any case runs."""
+    (parameters, FLOPs, weights and their checksum); the model is freed before any case runs. With
+    ``prompts``, also the prompts the loaded segmenter takes (``prompts``: its own attribute, else its
+    spec's; what ``harness predict`` gives it of a 2025 input)."""
     segmenter = spec.load(load_options(spec, config, threads))
     try:
-        return model_info(spec, segmenter.describe(), plugins, tags)
+        info = model_info(spec, segmenter.describe(), plugins, tags)
+        if prompts:
+            from harness.interactive.run import accepted_prompts
+
+            info["prompts"] = sorted(accepted_prompts(spec, segmenter))
+        return info
     finally:
         del segmenter

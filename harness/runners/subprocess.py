@@ -164,9 +164,13 @@ class SubprocessRunner(Runner):
     def check(self, config) -> None:
         Limits.of(config)  # a bad --timeout or --memory stops the run before any work
 
-    def case_function(self, executor, entry: str, segmenter: str, config, threads: int, spec=None):
-        """What runs one case of ``entry`` (the record it returns): here one run of ``executor``
-        (:func:`run_external_case`); the interactive protocol's sibling runs its steps instead."""
+    describe_prompts = False  # the models.json facts include the prompts the loaded segmenter takes
+
+    def case_function(self, executor, entry: str, segmenter: str, config, threads: int, spec=None,
+                      info: dict | None = None):
+        """What runs one case of ``entry`` (the record it returns; ``info``: the entry's models.json facts):
+        here one run of ``executor`` (:func:`run_external_case`); the interactive protocol's sibling runs
+        its steps instead."""
         return lambda case_path: run_external_case(executor, entry, segmenter, case_path, config, threads)
 
     def entry_facts(self, config, spec=None) -> dict:
@@ -179,11 +183,12 @@ class SubprocessRunner(Runner):
             entry = entry_name(spec, config)
 
             def open_(spec=spec, entry=entry) -> FunctionSession:
-                info = describe_model(spec, config, plugins, threads, variant_tags(spec, config))
+                info = describe_model(spec, config, plugins, threads, variant_tags(spec, config),
+                                      prompts=self.describe_prompts)
                 update_models(config.out_dir, entry, {**info, "runner": self.name, "timing_mode": TIMING_MODE,
                                                       **self.entry_facts(config, spec)})
                 executor = SubprocessExecutor(spec.name, config, threads)
-                return FunctionSession(self.case_function(executor, entry, spec.name, config, threads, spec))
+                return FunctionSession(self.case_function(executor, entry, spec.name, config, threads, spec, info))
 
             out.append(Target(entry, open_, runner=self.name, timing_mode=TIMING_MODE))
         return out

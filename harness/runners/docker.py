@@ -8,7 +8,9 @@ cgroup are removed after the case (also on Ctrl-C). Peak memory: that cgroup's
 ``memory.max_usage_in_bytes`` (cgroup v1) or ``memory.peak`` (v2), read after the container exits:
 everything the container charged, page cache included. The image is the harness's own (built once per
 model and reused, :func:`harness.container.model_image.build_image`) or any team's (``--image TAG`` or
-``team.tar.gz``). See :mod:`harness.runners.external` for what is timed and checked.
+``team.tar.gz``). See :mod:`harness.runners.external` for what is timed and checked. With ``--protocol
+interactive`` each step of a case is one such container, ``mem_limit`` 32G by default (the 2025
+evaluator's; :mod:`harness.interactive.external`).
 """
 from __future__ import annotations
 

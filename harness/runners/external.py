@@ -10,6 +10,9 @@ saved and scored exactly as the native runner does (:func:`harness.runners.case.
 A non-zero exit (with the tail of the log), a kill at the memory limit, a timeout, a missing or
 misnamed output and a wrong shape or dtype are each an error record naming the case file; the run
 goes on.
+
+The 2025 interactive protocol runs each step of a case this way (:mod:`harness.interactive.external`:
+:func:`case_folders`, :func:`read_named_output`, the runners' ``case_function`` hook).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The ``subprocess`` runner: one ``harness predict`` process per case, timed end to end.
+"""The ``subprocess`` runner: one ``harness predict`` process per case (per step of a case with ``--protocol
+interactive``: :mod:`harness.interactive.external`), timed end to end.
 
 The child is ``python -m harness.cli predict --model NAME -i IN -o OUT`` with the run's options. Peak
 memory: the child's ``VmHWM`` (its peak resident set), polled from ``/proc/<pid>/status`` every few

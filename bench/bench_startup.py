@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.cases import discover_cases, load_case
     from harness.pluginmanager import HarnessPlugins
     from harness.profiling import cpu_name, default_threads
-    from harness.specs import LoadOptions
+    from harness.plugin_api import LoadOptions
     from runtime.predict import load_segmenter
 
     cases = discover_cases(args.cases)[: args.limit]

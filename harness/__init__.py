@@ -6,7 +6,7 @@ The public surface for plugin authors::
 """
 from harness.cases import Case, CaseError
 from harness.hookspecs import hookimpl
-from harness.specs import LoadOptions, Reported, Segmenter, SegmenterSpec
+from harness.plugin_api import LoadOptions, Reported, Segmenter, SegmenterSpec
 
 __version__ = "0.1.0"
 

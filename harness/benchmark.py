@@ -38,7 +38,7 @@ from harness.metrics import dice_per_label
 from harness.pluginmanager import HarnessPlugins
 from harness.profiling import PeakRSS, cpu_name, default_threads
 from harness.results import write_json_atomic, write_text_atomic
-from harness.specs import LoadOptions
+from harness.plugin_api import LoadOptions
 
 VARIANT_BACKENDS = ("torch", *EXPORT_BACKENDS)  # what a variant may name: no "auto", a variant is explicit
 

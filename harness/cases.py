@@ -135,7 +135,7 @@ class Case:
     ``clicks`` maps a label (``i + 1`` for box ``i``) to its clicks in the order they were given, each
     ``(z, y, x, is_foreground)`` (3D; a 2D click has z 0); ``prev_segs`` is the previous step's
     segmentation (labels as in ``segs``). A segmenter that accepts only boxes ignores both
-    (:attr:`harness.specs.SegmenterSpec.prompts`).
+    (:attr:`harness.plugin_api.SegmenterSpec.prompts`).
     """
 
     name: str

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from harness.run import RunConfig
-    from harness.specs import SegmenterSpec
+    from harness.plugin_api import SegmenterSpec
 
 PATHS = ("faithful", "fast")
 DEFAULT_PATH = "fast"

@@ -15,7 +15,7 @@ import pluggy
 
 from typing import TYPE_CHECKING
 
-from harness.specs import SegmenterSpec
+from harness.plugin_api import SegmenterSpec
 
 if TYPE_CHECKING:
     from harness.runners.base import Runner

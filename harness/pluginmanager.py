@@ -24,7 +24,7 @@ import warnings
 import pluggy
 
 from harness import hookspecs
-from harness.specs import SegmenterSpec
+from harness.plugin_api import SegmenterSpec
 
 if TYPE_CHECKING:
     from harness.runners.base import Runner

@@ -1,7 +1,7 @@
 """``harness predict``: segment every case of a folder with one model, as a challenge container does.
 
 ``harness predict --model NAME -i IN -o OUT`` loads the segmenter once (the plugins and
-:class:`~harness.specs.LoadOptions` of ``harness run``), then for every ``IN/*.npz`` (or
+:class:`~harness.plugin_api.LoadOptions` of ``harness run``), then for every ``IN/*.npz`` (or
 ``IN/imgs/*.npz``) in name order loads the case, segments it and writes ``OUT/<same name>`` with
 the key ``segs`` (uint16). The segmentation is the native runner's own code path
 (:func:`harness.runners.case.timed_segment` and :func:`harness.runners.case.check_segs`). A case that fails is

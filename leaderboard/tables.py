@@ -6,7 +6,7 @@ Two tables, shaped like the seed tables of the MedficientSAM / reproduction READ
 2. per modality x model: DSC / NSD.
 
 Under each measured row, the figures a segmenter's plugin declares as published
-(:class:`harness.specs.Reported`) appear as separate rows marked *(published)* and
+(:class:`harness.plugin_api.Reported`) appear as separate rows marked *(published)* and
 *(published, reproduced)*, and as extra columns of the per-modality table; they are never
 averaged with or substituted for measurements. ``reported=False`` leaves them out.
 

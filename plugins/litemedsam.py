@@ -14,7 +14,7 @@ state_dict or a LiteMedSAM training checkpoint), always loaded with
 from __future__ import annotations
 
 from harness import LoadOptions, Reported, SegmenterSpec, hookimpl
-from harness.specs import ENGINE_CHOICES
+from harness.plugin_api import ENGINE_CHOICES
 
 
 def load(options: LoadOptions):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from functools import partial
 
 from harness import LoadOptions, Reported, SegmenterSpec, hookimpl
-from harness.specs import ENGINE_CHOICES
+from harness.plugin_api import ENGINE_CHOICES
 
 _SOURCE = "medficientsam README; medficientsam-reproduce README tables 1 and 2 (CVPR 2024 validation set)"
 _HARDWARE = "Intel Core i9-10900K"

@@ -13,7 +13,7 @@ Weights: not bundled. ``--weights medsam=medsam_vit_b.pth`` (the released plain 
 from __future__ import annotations
 
 from harness import LoadOptions, Reported, SegmenterSpec, hookimpl
-from harness.specs import ENGINE_CHOICES
+from harness.plugin_api import ENGINE_CHOICES
 
 
 def load(options: LoadOptions):

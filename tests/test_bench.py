@@ -17,7 +17,7 @@ from harness import SegmenterSpec, hookimpl
 from harness.benchmark import BenchConfig, Variant, multibox_case, run_bench
 from harness.cases import load_case
 from harness.pluginmanager import HarnessPlugins
-from harness.specs import ENGINE_CHOICES
+from harness.plugin_api import ENGINE_CHOICES
 from helpers import DEMO
 from models.hardware import cpu_bf16_support
 from models.inference.pipelines import LITEMEDSAM_CVPR24

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.specs import LoadOptions
+from harness.plugin_api import LoadOptions
 from models import CheckpointError, build_model
 from models.weights.checkpoints import identify, read_checkpoint, save_harness_checkpoint
 from models.complexity import count_parameters

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.specs import LoadOptions
+from harness.plugin_api import LoadOptions
 from models.inference.engine import BoxPromptEngine, EngineStats
 from models.inference.pipelines import (
     EXECUTION_PATHS,
@@ -236,7 +236,7 @@ def test_torch_segmenter_applies_and_reports_the_path(monkeypatch):
     assert seg.config == LITEMEDSAM_CVPR24.fast_variant() and seg.engine.config.fast
     facts = seg.describe()
     assert facts["path"] == "fast" and facts["pipeline"] == "litemedsam_cvpr24"
-    assert LoadOptions().path == "fast"  # the harness's default path (harness.specs.DEFAULT_PATH)
+    assert LoadOptions().path == "fast"  # the harness's default path (harness.plugin_api.DEFAULT_PATH)
 
 
 def test_litemedsam_plugin_loads_the_chosen_path():
@@ -255,7 +255,7 @@ def test_runner_passes_the_choices_and_stores_each_variant_as_its_own_tagged_ent
     from harness.pluginmanager import HarnessPlugins
     from harness.choices import choice_defaults
     from harness.run import RunConfig, run
-    from harness.specs import ENGINE_CHOICES
+    from harness.plugin_api import ENGINE_CHOICES
     from helpers import DEMO
     from leaderboard import render_markdown
 

@@ -22,7 +22,7 @@ from harness.predict import predict
 from harness.results import read_records
 from harness.run import RunConfig, check_config, run
 from harness.runners.external import Outcome
-from harness.specs import SegmenterSpec
+from harness.plugin_api import SegmenterSpec
 from helpers import harness_cli, install_fake_plugin
 from reference import require_data
 

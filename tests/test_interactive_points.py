@@ -99,7 +99,7 @@ def test_litemedsam_foreground_click_in_a_missed_region_on_two_real_cases(tmp_pa
     after. Measured 2026-12-07: CT_sts025 slice 0.819 -> 0.820 (3D 0.776 -> 0.776), MR_sts012 slice
     0.512 -> 0.543 (3D 0.478 -> 0.486): not lowered in 2 of 2."""
     from harness.pluginmanager import HarnessPlugins
-    from harness.specs import LoadOptions
+    from harness.plugin_api import LoadOptions
 
     data = require_data()
     src = tmp_path / "src"

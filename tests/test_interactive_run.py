@@ -16,7 +16,7 @@ from harness import hookimpl
 from harness.pluginmanager import HarnessPlugins
 from harness.run import RunConfig, check_config, run
 from harness.runners.base import RunnerError
-from harness.specs import SegmenterSpec
+from harness.plugin_api import SegmenterSpec
 from reference import require_data
 
 CASES = ("3DBox_PET_sts002.npz", "3DBox_PET_sts024.npz")

@@ -28,7 +28,7 @@ import pytest
 
 from harness.cases import load_case
 from harness.pluginmanager import HarnessPlugins
-from harness.specs import LoadOptions
+from harness.plugin_api import LoadOptions
 from reference import assert_segs_match, load_npz, make_state_dict, require_reference
 
 pytest.importorskip("openvino")

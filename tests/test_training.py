@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.specs import LoadOptions
+from harness.plugin_api import LoadOptions
 from helpers import DEMO, PROJECT, harness_cli
 from training.config import PRESETS, TrainConfig
 from training.run import train

@@ -97,7 +97,7 @@ def check_model(model: str, weights: Path | None, extra: Mapping[str, Path]) -> 
     weights file fails here, naming the file; returns the weights file used (None: none or bundled) and
     the segmenter's ``describe()``."""
     from harness.pluginmanager import HarnessPlugins
-    from harness.specs import LoadOptions
+    from harness.plugin_api import LoadOptions
 
     spec = HarnessPlugins().get(model)
     if weights is None:

@@ -197,7 +197,7 @@ def exported_model(model: str, weights: Path | None, extra: Mapping[str, Path]) 
     the runtime pipeline's fields). Raises :class:`SlimUnavailable` when the model does not run on
     exported graphs, FileNotFoundError for a missing weights file."""
     from harness.pluginmanager import HarnessPlugins
-    from harness.specs import LoadOptions
+    from harness.plugin_api import LoadOptions
     from runtime.pipelines import PRESETS
 
     spec = HarnessPlugins().get(model)

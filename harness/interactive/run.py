@@ -12,7 +12,7 @@ starts ``harness predict`` or a container instead, which does the same in that p
    ``[x_min, y_min, z_min, x_max, y_max, z_max]`` = ``[z_mid_x_min, z_mid_y_min, z_min, z_mid_x_max,
    z_mid_y_max, z_max]`` (the x/y extent the dict gives for its middle slice, over its z range), so the
    segmenter labels class ``i`` as ``i + 1``; for a segmenter that declares ``"points"``
-   (:attr:`harness.specs.SegmenterSpec.prompts`), ``Case.clicks`` holds each class's clicks in the order
+   (:attr:`harness.plugin_api.SegmenterSpec.prompts`), ``Case.clicks`` holds each class's clicks in the order
    given (``clicks_order``), and for one that declares ``"mask"``, ``Case.prev_segs`` the previous step's
    segmentation; a box-only segmenter gets neither, so it returns the same segs at every step;
 3. calls the loaded segmenter, timed as the native runner times a case (the segmentation alone, with the
@@ -75,7 +75,7 @@ from harness.runners.native import TIMING_MODE, ran_on
 if TYPE_CHECKING:
     from harness.pluginmanager import HarnessPlugins
     from harness.run import RunConfig
-    from harness.specs import SegmenterSpec
+    from harness.plugin_api import SegmenterSpec
 
 __all__ = ["PROTOCOLS", "PROTOCOL_RUNNERS", "InteractiveRunner", "interactive_runner", "check_protocol",
            "case_from_input", "run_interactive_record", "protocol_record", "accepted_prompts"]

@@ -20,7 +20,7 @@ from harness.cases import CaseError
 if TYPE_CHECKING:  # the driver imports the runners, not the other way round
     from harness.pluginmanager import HarnessPlugins
     from harness.run import RunConfig
-    from harness.specs import SegmenterSpec
+    from harness.plugin_api import SegmenterSpec
 
 
 class RunnerError(RuntimeError):

@@ -24,7 +24,7 @@ from harness.cases import Case, CaseError, load_ground_truth, save_segs, set_max
 from harness.choices import resolved_backend
 from harness.metrics import DISTANCE_METRICS, case_metrics, distance_metrics
 from harness.profiling import PeakRSS
-from harness.specs import LoadOptions, SegmenterSpec
+from harness.plugin_api import LoadOptions, SegmenterSpec
 
 if TYPE_CHECKING:
     from harness.pluginmanager import HarnessPlugins

@@ -43,7 +43,7 @@ from harness.runners.case import (
 if TYPE_CHECKING:
     from harness.pluginmanager import HarnessPlugins
     from harness.run import RunConfig
-    from harness.specs import SegmenterSpec
+    from harness.plugin_api import SegmenterSpec
 
 TIMING_MODE = "end-to-end"
 LOG_TAIL_CHARS = 1500

@@ -13,7 +13,7 @@ Timing is the native runner's (timing mode ``in-process``): ``seconds`` and ``pe
 inside the worker around ``Segmenter.segment`` alone, as :func:`harness.runners.native.run_case` measures
 them; sending the case and the segs between the processes is not counted. The worker finds the segmenter
 among the installed plugins (entry points, ``HARNESS_LOAD_PLUGINS``) and loads it with the same
-:class:`~harness.specs.LoadOptions` as a native run; a plugin registered only in the driver process
+:class:`~harness.plugin_api.LoadOptions` as a native run; a plugin registered only in the driver process
 (``run(config, plugins=...)``) is unknown to it, and the entry fails to load, saying so.
 """
 from __future__ import annotations

@@ -38,7 +38,7 @@ from harness.runners.case import (
 if TYPE_CHECKING:
     from harness.pluginmanager import HarnessPlugins
     from harness.run import RunConfig
-    from harness.specs import SegmenterSpec
+    from harness.plugin_api import SegmenterSpec
 
 TIMING_MODE = "in-process"
 

@@ -68,7 +68,7 @@ from harness.runners.reaper import processes_with_env
 if TYPE_CHECKING:
     from harness.pluginmanager import HarnessPlugins
     from harness.run import RunConfig
-    from harness.specs import LoadOptions, SegmenterSpec
+    from harness.plugin_api import LoadOptions, SegmenterSpec
 
 NAME = "ray"
 TIMING_MODE = "distributed"

@@ -5,7 +5,7 @@ Messages (pickled, :class:`multiprocessing.connection.Connection`): the driver s
 LoadOptions)``, answered ``("ready", describe())`` or ``("failed", text)``; then ``("segment", Case)``,
 answered ``("ok", segs, seconds, peak_rss_mb, memory_method)`` or ``("error", type_name, message)``;
 ``("stop",)`` ends it. The segmenter is found among the installed plugins (entry points, and
-``HARNESS_LOAD_PLUGINS`` as in the driver) and loaded with the driver's :class:`~harness.specs.LoadOptions`;
+``HARNESS_LOAD_PLUGINS`` as in the driver) and loaded with the driver's :class:`~harness.plugin_api.LoadOptions`;
 the segmentation is timed here, as the native runner times it (:func:`harness.runners.case.timed_segment`).
 Anything a segmenter raises, ``SystemExit`` included, is answered as an error; what cannot be answered
 (``os._exit``, a crash, a kill) ends this process, and the driver sees the exit status.

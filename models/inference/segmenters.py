@@ -102,7 +102,7 @@ class TorchSegmenter:
         segmenter.extra["checkpoint_format"] = checkpoint.format
         return segmenter
 
-    #: What :meth:`segment` uses of a case (:attr:`harness.specs.SegmenterSpec.prompts`): the boxes, the
+    #: What :meth:`segment` uses of a case (:attr:`harness.plugin_api.SegmenterSpec.prompts`): the boxes, the
     #: interactive protocol's clicks and the previous step's segmentation.
     prompts = frozenset({"box", "points", "mask"})
 

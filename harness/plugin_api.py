@@ -1,4 +1,5 @@
-"""Typed records that plugins return and the harness passes around."""
+"""The plugin API's records: what plugins return (SegmenterSpec, Reported) and are given (LoadOptions), and
+the Segmenter protocol a loaded segmenter follows. The hooks themselves are in :mod:`harness.hookspecs`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -69,3 +69,27 @@ def harness_images(docker_client):
         image = docker_client.images.get(tag)
         images[model] = ImageInfo(tag=tag, id=image.id, size_bytes=int(image.attrs.get("Size", 0)), model=model)
     return images
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """Two real 3D validation cases (PET sts002 and sts024) converted once per session with `harness convert
+    --to interactive`: the 2025-format inputs in ``imgs/``, the ground truth in ``gts/``. Read-only for tests:
+    a test that changes cases copies the folder first."""
+    import shutil
+
+    from harness.interactive.convert import convert_to_interactive
+    from helpers import INTERACTIVE_CASES
+    from reference import require_data
+
+    data = require_data()
+    src = tmp_path_factory.mktemp("src")
+    for sub in ("imgs", "gts"):
+        (src / sub).mkdir()
+        for name in INTERACTIVE_CASES:
+            shutil.copy(data / sub / name, src / sub / name)
+    out = tmp_path_factory.mktemp("interactive")
+    report = convert_to_interactive(src, out)
+    assert report.converted == list(INTERACTIVE_CASES) and not report.errors
+    return out
+

@@ -57,3 +57,32 @@ def require_base_image_or_mmdebstrap(client) -> None:
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
 
+
+
+# Two real 3D validation cases, converted to the 2025 format by the session fixture `converted` (conftest.py).
+INTERACTIVE_CASES = ("3DBox_PET_sts002.npz", "3DBox_PET_sts024.npz")
+
+
+def plugins_with(name: str, segment, prompts=frozenset({"box"})):
+    """A plugin manager holding one in-process segmenter ``name`` whose ``segment(case)`` is ``segment``
+    (declaring ``prompts``); entry points are not loaded."""
+    from harness import hookimpl
+    from harness.plugin_api import SegmenterSpec
+    from harness.pluginmanager import HarnessPlugins
+
+    class Segmenter:
+        def segment(self, case):
+            return segment(case)
+
+        def describe(self):
+            return {}
+
+    class Plugin:
+        @hookimpl
+        def harness_segmenters(self):
+            return [SegmenterSpec(name=name, title=name, family="test", load=lambda options: Segmenter(),
+                                  prompts=prompts)]
+
+    plugins = HarnessPlugins(load_entry_points=False)
+    plugins.register(Plugin(), f"test-plugin-{name}")
+    return plugins

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 
 import harness.cases as cases_module
-from harness import SegmenterSpec, hookimpl
 from harness.cases import CaseError, discover_cases, load_case
-from harness.pluginmanager import HarnessPlugins
 from harness.run import RunConfig, run
 from harness.scoring import score_dirs
+from helpers import plugins_with
 
 
 def make_case(data: Path, name: str, n_boxes: int = 1) -> Path:
@@ -39,24 +38,6 @@ def make_case(data: Path, name: str, n_boxes: int = 1) -> Path:
 
 def records(out: Path) -> dict[str, dict]:
     return {r["case"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-
-
-def plugins_with(name: str, segment) -> HarnessPlugins:
-    class Segmenter:
-        def segment(self, case):
-            return segment(case)
-
-        def describe(self):
-            return {}
-
-    class Plugin:
-        @hookimpl
-        def harness_segmenters(self):
-            return [SegmenterSpec(name=name, title=name, family="test", load=lambda options: Segmenter())]
-
-    plugins = HarnessPlugins(load_entry_points=False)
-    plugins.register(Plugin(), "hostile-test-plugin")
-    return plugins
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,56 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import hookimpl
-from harness.interactive.convert import convert_to_interactive
 from harness.interactive.external import INTERACTIVE_MEMORY, run_interactive_external_record
 from harness.interactive.safe_npz import is_interactive_input, write_interactive_input
-from harness.pluginmanager import HarnessPlugins
 from harness.predict import predict
 from harness.results import read_records
 from harness.run import RunConfig, check_config, run
 from harness.runners.external import Outcome
-from harness.plugin_api import SegmenterSpec
-from helpers import harness_cli, install_fake_plugin
-from reference import require_data
+from helpers import plugins_with, harness_cli, install_fake_plugin
 
-CASES = ("3DBox_PET_sts002.npz", "3DBox_PET_sts024.npz")
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    data = require_data()
-    src = tmp_path_factory.mktemp("src")
-    for sub in ("imgs", "gts"):
-        (src / sub).mkdir()
-        for name in CASES:
-            shutil.copy(data / sub / name, src / sub / name)
-    out = tmp_path_factory.mktemp("interactive")
-    assert convert_to_interactive(src, out).converted == list(CASES)
-    return out
+from helpers import INTERACTIVE_CASES as CASES
 
 
 def records(out: Path) -> dict[tuple[str, str], dict]:
     return {(r["model"], r["case"]): r for r in read_records(out / "results.jsonl")}
-
-
-def plugins_with(name: str, segment, prompts=frozenset({"box"})) -> HarnessPlugins:
-    class Segmenter:
-        def segment(self, case):
-            return segment(case)
-
-        def describe(self):
-            return {}
-
-    class Plugin:
-        @hookimpl
-        def harness_segmenters(self):
-            return [SegmenterSpec(name=name, title=name, family="test", load=lambda options: Segmenter(),
-                                  prompts=prompts)]
-
-    plugins = HarnessPlugins(load_entry_points=False)
-    plugins.register(Plugin(), "interactive-external-test-plugin")
-    return plugins
 
 
 def config(data, out, models=("boxfill",), **kw) -> RunConfig:

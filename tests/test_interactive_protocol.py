@@ -2,34 +2,17 @@
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pytest
 
 from harness.interactive.baseline import baseline_step, box_click_fill
 from harness.interactive.clicks import simulate_clicks
-from harness.interactive.convert import convert_to_interactive
 from harness.interactive.protocol import InteractiveStepError, run_interactive_case
 from harness.interactive.safe_npz import read_interactive_input, write_interactive_input
 from harness.interactive.scores import auc, step_scores
-from reference import require_data
 
-CASES = ("3DBox_PET_sts002.npz", "3DBox_PET_sts024.npz")
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    data = require_data()
-    src = tmp_path_factory.mktemp("src")
-    for sub in ("imgs", "gts"):
-        (src / sub).mkdir()
-        for name in CASES:
-            shutil.copy(data / sub / name, src / sub / name)
-    out = tmp_path_factory.mktemp("interactive")
-    report = convert_to_interactive(src, out)
-    assert report.converted == list(CASES) and not report.errors
-    return out
+from helpers import INTERACTIVE_CASES as CASES
 
 
 class Recorder:

@@ -10,52 +10,16 @@ import numpy as np
 import pytest
 
 from harness.cases import Case
-from harness.interactive.convert import convert_to_interactive
 from harness.interactive.safe_npz import read_interactive_input
-from harness import hookimpl
-from harness.pluginmanager import HarnessPlugins
 from harness.run import RunConfig, check_config, run
 from harness.runners.base import RunnerError
-from harness.plugin_api import SegmenterSpec
-from reference import require_data
+from helpers import plugins_with
 
-CASES = ("3DBox_PET_sts002.npz", "3DBox_PET_sts024.npz")
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    data = require_data()
-    src = tmp_path_factory.mktemp("src")
-    for sub in ("imgs", "gts"):
-        (src / sub).mkdir()
-        for name in CASES:
-            shutil.copy(data / sub / name, src / sub / name)
-    out = tmp_path_factory.mktemp("interactive")
-    assert convert_to_interactive(src, out).converted == list(CASES)
-    return out
+from helpers import INTERACTIVE_CASES as CASES
 
 
 def records(out: Path) -> dict[str, dict]:
     return {r["case"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-
-
-def plugins_with(name: str, segment, prompts=frozenset({"box"})) -> HarnessPlugins:
-    class Segmenter:
-        def segment(self, case):
-            return segment(case)
-
-        def describe(self):
-            return {}
-
-    class Plugin:
-        @hookimpl
-        def harness_segmenters(self):
-            return [SegmenterSpec(name=name, title=name, family="test", load=lambda options: Segmenter(),
-                                  prompts=prompts)]
-
-    plugins = HarnessPlugins(load_entry_points=False)
-    plugins.register(Plugin(), "interactive-test-plugin")
-    return plugins
 
 
 def config(data, out, models=("boxfill",), **kw) -> RunConfig:

@@ -123,6 +123,7 @@ FAILING_PLUGIN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 10 s on 2 cores (fast-set durations, 2026-12-07)
 def test_subprocess_child_failure_and_timeout_are_errors_with_the_log(tmp_path):
     env = install_fake_plugin(tmp_path / "site", "picky_plugin", FAILING_PLUGIN, "picky", "0.1", "picky")
     data, out = small_data(tmp_path / "data"), tmp_path / "out"

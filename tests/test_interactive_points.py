@@ -50,6 +50,7 @@ def test_decode_prompts_of_the_model_and_of_the_kept_copy_agree(engine):
     assert not torch.equal(a, plain)  # the points are embedded: they change the logits
 
 
+@pytest.mark.slow  # over 10 s on 2 cores (fast-set durations, 2026-12-07)
 def test_without_clicks_the_box_segmentation_is_unchanged(engine, volume):
     vol, boxes = volume
     plain = engine.segment(vol, boxes)
@@ -57,6 +58,7 @@ def test_without_clicks_the_box_segmentation_is_unchanged(engine, volume):
     assert np.array_equal(engine.segment_with_clicks(vol, boxes, {1: []}, prev_segs=plain), plain)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores (fast-set durations, 2026-12-07)
 def test_a_click_redecodes_only_its_label_from_its_slice_away_from_the_middle(engine, volume, monkeypatch):
     vol, boxes = volume
     prev = engine.segment(vol, boxes)

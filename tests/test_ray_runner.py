@@ -226,6 +226,7 @@ def test_options_are_checked_before_any_work(tmp_path):
 # --- 1. the same results as the native runner ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # 5-10 s on 2 cores: out of the fast set (durations, 2026-12-07)
 def test_boxfill_through_the_cli_matches_native(ray_env, tmp_path):
     """``harness run --runner ray --ray-workers 2``: every demo case, the native runner's DSC, NSD and segs;
     a local instance that listens on 127.0.0.1 only and leaves no process behind."""
@@ -407,6 +408,7 @@ def test_killed_driver_resumes_each_case_once_and_leaves_no_ray_process(ray_env,
 # --- loading, exclusive nodes, shared data ------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 5-10 s on 2 cores: out of the fast set (durations, 2026-12-07)
 def test_a_plugin_only_the_driver_knows_fails_in_open(ray_env, tmp_path):
     """Workers load segmenters from the installed plugins; one registered in the driver alone is reported as
     a model that did not run, saying why."""

@@ -376,6 +376,7 @@ SLEEPY_PLUGIN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 5-10 s on 2 cores: out of the fast set (durations, 2026-12-07)
 def test_interrupts_are_not_crashes(tmp_path):
     """Ctrl-C twice and SIGTERM once on the same case: each stops the run cleanly, saying how to resume, and
     gives back the case's in-flight mark; the rerun then segments that case normally (no crash record)."""

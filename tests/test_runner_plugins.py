@@ -67,6 +67,7 @@ def runner_env(tmp_path):
     return install_fake_plugin(tmp_path / "site", "besttwo_runner", BEST_OF_TWO, "besttwo-runner", "0.3.0", "besttwo")
 
 
+@pytest.mark.slow  # 5-10 s on 2 cores: out of the fast set (durations, 2026-12-07)
 def test_third_party_runner_is_listed_runs_and_appears_in_every_table(tmp_path, runner_env):
     listing = harness_cli(["plugins"], runner_env, tmp_path)
     assert listing.returncode == 0, listing.stderr

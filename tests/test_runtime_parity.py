@@ -13,8 +13,9 @@ weights on the reference cases and the demo set.  The exports are kept in pytest
 (``.pytest_cache/d/medsam-runtime-exports``; keyed by the weights' hash), so only a first run exports;
 with the cache provider disabled they go to the session's temporary folder.
 
-The one fast test (LiteMedSAM, a 2D demo case) also runs ``python -m runtime.predict`` in a fresh
-interpreter and checks that torch was never imported.
+The LiteMedSAM 2D demo case test also runs ``python -m runtime.predict`` in a fresh interpreter and checks
+that torch was never imported. Every test here is marked slow (a first run exports the graphs: about 30 s
+for LiteMedSAM on 2 cores); the fast set keeps the runtime's unit tests (tests/test_runtime.py).
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def _demo(name: str):
     return load_case(DEMO / f"{name}.npz")
 
 
+@pytest.mark.slow  # over 10 s on 2 cores (fast-set durations, 2026-12-07)
 def test_litemedsam_2d_demo_case_and_predict_without_torch(segmenters, tmp_path):
     """LiteMedSAM (released weights), 2D demo case: the runtime's segs equal the harness's within the
     bars, in process and through ``python -m runtime.predict`` in an interpreter where torch never loads."""

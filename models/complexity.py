@@ -14,6 +14,7 @@ shows both.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +48,39 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def shape_only_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the ``meta`` device: same modules, same
+    shapes, no storage.  Counting FLOPs needs only shapes, and on ``meta`` every operator returns at once,
+    so a count costs milliseconds instead of a real forward pass (seconds for an encoder on a CPU)."""
+    memo: dict[int, object] = {}
+    for parameter in model.parameters():
+        memo[id(parameter)] = nn.Parameter(torch.empty_like(parameter, device="meta"),
+                                           requires_grad=parameter.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    return copy.deepcopy(model, memo)
+
+
 def measure_compute(model: nn.Module, input_size: int) -> Compute:
     """Count FLOPs and BatchNorm/LayerNorm output elements of encoder + prompt encoder + decoder
-    for one zero image at ``input_size`` and one box, in one forward pass."""
-    device = next(model.parameters()).device
+    for one zero image at ``input_size`` and one box, in one forward pass on a shape-only copy of
+    ``model`` (:func:`shape_only_copy`), or on ``model`` itself where an operator of its forward cannot
+    run without data (a data-dependent shape)."""
+    return _count(model, input_size, encoder_only=False)
+
+
+def _count(model: nn.Module, input_size: int, encoder_only: bool) -> Compute:
+    try:
+        return _count_on(shape_only_copy(model), "meta", input_size, encoder_only)
+    except (NotImplementedError, RuntimeError):
+        device = next(model.parameters()).device
+        return _count_on(model, device, input_size, encoder_only)
+
+
+def _count_on(model: nn.Module, device, input_size: int, encoder_only: bool) -> Compute:
     image = torch.zeros(1, 3, input_size, input_size, device=device)
     prompt_size = model.prompt_encoder.input_image_size[0]
-    box = torch.tensor([[0.25, 0.25, 0.75, 0.75]], device=device) * prompt_size
+    box = torch.tensor([[0.25, 0.25, 0.75, 0.75]]).to(device) * prompt_size
     norm_elements = 0
 
     def count(_module, _inputs, output):
@@ -64,7 +91,9 @@ def measure_compute(model: nn.Module, input_size: int) -> Compute:
                if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm))]
     try:
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            model.decode_boxes(model.image_encoder(image), box)
+            embedding = model.image_encoder(image)
+            if not encoder_only:
+                model.decode_boxes(embedding, box)
     finally:
         for handle in handles:
             handle.remove()
@@ -88,9 +117,5 @@ def fvcore_style_macs(model: nn.Module, input_size: int) -> int:
 
 def encoder_flops(model: nn.Module, input_size: int) -> int:
     """torch FLOPs (multiply-add = 2) of the image encoder alone for one image at ``input_size``:
-    the numerator of the encoder's achieved GFLOP/s."""
-    device = next(model.parameters()).device
-    image = torch.zeros(1, 3, input_size, input_size, device=device)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model.image_encoder(image)
-    return int(counter.get_total_flops())
+    the numerator of the encoder's achieved GFLOP/s (counted as :func:`measure_compute` counts)."""
+    return _count(model, input_size, encoder_only=True).flops

@@ -33,3 +33,26 @@ def test_params_and_flops_match_published(name):
     assert round(compute.fvcore_style_macs / 1e9, 2) == gflops
     # our own count is below the published one by the normalisation charge only (< 2%)
     assert 0 < gflops - compute.macs / 1e9 < 0.02 * gflops
+
+
+def test_the_count_runs_on_a_shape_only_copy_and_equals_a_real_forwards():
+    """measure_compute counts on a meta-device copy: the same FLOPs and normalised elements as a forward of
+    the real model, the real model never runs, and its weights are untouched."""
+    import torch
+
+    from models.complexity import _count_on, shape_only_copy
+
+    model = build_model("litemedsam")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    devices = []  # a hook of the model's is copied with it: it sees the copy's outputs
+    handle = model.image_encoder.register_forward_hook(lambda _m, _i, output: devices.append(output.device.type))
+    try:
+        compute = measure_compute(model, 256)
+    finally:
+        handle.remove()
+    assert devices == ["meta"]
+    copy = shape_only_copy(model)
+    assert all(t.device.type == "meta" for t in [*copy.parameters(), *copy.buffers()])
+    assert all(t.device.type == "cpu" for t in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert compute == _count_on(model, "cpu", 256, encoder_only=False)

@@ -155,3 +155,30 @@ def test_seed0_weights_every_model(segmenters, name, case):
     else:
         demo = _demo(case)
         assert_segs_match(runtime_segmenter.segment(demo.imgs, demo.boxes), harness_segmenter.segment(demo))
+
+
+@pytest.mark.slow
+def test_the_compile_cache_is_weightless_and_changes_no_mask(segmenters, tmp_path):
+    """A compiled-model cache (what ``harness build`` bakes into the slim image): the first load writes one
+    blob per graph without the weights (a small fraction of the IR's .bin), the next load imports both
+    from it, and the masks are the ones of the graphs compiled without a cache, bit for bit."""
+    from runtime.engine import Segmenter
+    from runtime.graphs import Graphs
+
+    _, runtime_segmenter, folder = segmenters("l0", "seed0")
+    cache = tmp_path / "compile-cache"
+    cache.mkdir()
+    first = Graphs(folder, threads=THREADS, cache_dir=cache)
+    assert not first.encoder.compiled.get_property("LOADED_FROM_CACHE")
+    blobs = sorted(cache.glob("*.blob"))
+    weights = sum((folder / f"{graph}.bin").stat().st_size for graph in ("encoder", "decoder"))
+    assert len(blobs) == 2 and sum(blob.stat().st_size for blob in blobs) < 0.05 * weights
+    del first
+    cached = Graphs(folder, threads=THREADS, cache_dir=cache)
+    assert cached.encoder.compiled.get_property("LOADED_FROM_CACHE")
+    assert cached.decoder.compiled.get_property("LOADED_FROM_CACHE")
+    segmenter = Segmenter(cached, runtime_segmenter.pipeline)
+    for name in ("2DBox_US_hc18-158", "3DBox_PET_sts024"):
+        case = _demo(name)
+        np.testing.assert_array_equal(segmenter.segment(case.imgs, case.boxes),
+                                      runtime_segmenter.segment(case.imgs, case.boxes))

@@ -2,8 +2,10 @@
 and in a fresh container per case (full and slim images), one after another in one run.
 
     python bench/bench_startup.py --model litemedsam [--cases DIR] [--limit N] [--no-docker] [--out FILE.md]
+        [--rows in-process,subprocess,docker-full,docker-slim] [--repeat N]
 
-Rows (each case once per row kind):
+Rows (each case once per row kind, or ``--repeat`` times with each column's median; the in-process rows
+always run, since the others are compared with them):
 
 * ``in-process harness``: the harness's fast path on OpenVINO (``--backend openvino``), model loaded once;
 * ``in-process runtime``: the torch-free runtime (``runtime/``) on the same exported graphs, loaded once;
@@ -37,6 +39,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+ROW_GROUPS = ("in-process", "subprocess", "docker-full", "docker-slim")
 CASE_LINE = re.compile(r"^(?P<name>\S+\.npz): (?P<seconds>[0-9.]+)s ->", re.M)
 LOAD_LINE = re.compile(r"^loaded \S+ .* in (?P<seconds>[0-9.]+)s$", re.M)  # runtime.predict's model load
 
@@ -64,6 +67,26 @@ def _case_seconds(log: str, name: str) -> float | None:
     return None
 
 
+def _medians(rows: list[dict]) -> list[dict]:
+    """One row per (kind, case) in first-seen order: each numeric column's median over the repetitions, the
+    start-up the median of the repetitions' own differences, and the first failure."""
+    import statistics
+
+    merged: dict[tuple, list[dict]] = {}
+    for row in rows:
+        merged.setdefault((row["kind"], row["case"]), []).append(row)
+    out = []
+    for (kind, case), group in merged.items():
+        row = dict(kind=kind, case=case, failed=next((r["failed"] for r in group if r.get("failed")), None))
+        for column in ("own", "e2e", "load", "peak", "image"):
+            values = [r[column] for r in group if r.get(column) is not None]
+            row[column] = statistics.median(values) if values else None
+        startups = [r["e2e"] - r["own"] for r in group if r.get("e2e") is not None and r.get("own") is not None]
+        row["startup"] = statistics.median(startups) if startups else None
+        out.append(row)
+    return out
+
+
 def _load_seconds(log: str) -> float | None:
     match = LOAD_LINE.search(log or "")
     return float(match.group("seconds")) if match else None
@@ -88,8 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N cases by name")
     parser.add_argument("--threads", type=int, default=None, help="threads for every row (default: the machine's)")
     parser.add_argument("--no-docker", action="store_true", help="skip the container rows")
+    parser.add_argument("--rows", default=",".join(ROW_GROUPS),
+                        help=f"which row groups to run, comma-separated (default: all of {', '.join(ROW_GROUPS)})")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every case N times per row (the repetitions one after another, each over all "
+                             "cases); the table shows each column's median")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.rows.split(",") if g.strip()]
+    if not groups or set(groups) - set(ROW_GROUPS) or args.repeat < 1:
+        parser.error(f"--rows takes some of {', '.join(ROW_GROUPS)}; --repeat is at least 1")
+    if args.no_docker:
+        groups = [g for g in groups if not g.startswith("docker")]
 
     from harness.cases import discover_cases, load_case
     from harness.pluginmanager import HarnessPlugins
@@ -110,14 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     segmenter = spec.load(LoadOptions(weights=args.weights, threads=threads, path="fast", backend="openvino"))
     graphs = Path(segmenter.describe()["export"])
     runtime = load_segmenter(graphs, pipeline=segmenter.describe()["pipeline"], threads=threads)
-    for path in cases:
-        case = load_case(path)
-        start = time.perf_counter()
-        segmenter.segment(case)
-        rows.append(dict(kind="in-process harness", case=path.name, own=time.perf_counter() - start))
-        start = time.perf_counter()
-        runtime.segment(case.imgs, case.boxes)
-        rows.append(dict(kind="in-process runtime", case=path.name, own=time.perf_counter() - start))
+    for _ in range(args.repeat):  # always run: the other rows are compared with the harness's in-process seconds
+        for path in cases:
+            case = load_case(path)
+            start = time.perf_counter()
+            segmenter.segment(case)
+            rows.append(dict(kind="in-process harness", case=path.name, own=time.perf_counter() - start))
+            start = time.perf_counter()
+            runtime.segment(case.imgs, case.boxes)
+            rows.append(dict(kind="in-process runtime", case=path.name, own=time.perf_counter() - start))
     del segmenter, runtime
 
     weights_args = ["--weights", str(args.weights)] if args.weights else []
@@ -130,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         tmp = Path(tmp)
-        for kind, command in commands.items():
-            for path in cases:
+        for kind, command in commands.items() if "subprocess" in groups else ():
+            for path in [c for _ in range(args.repeat) for c in cases]:
                 inputs, outputs = tmp / "in", tmp / "out"
                 shutil.rmtree(inputs, ignore_errors=True)
                 shutil.rmtree(outputs, ignore_errors=True)
@@ -141,18 +175,18 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(dict(kind=kind, case=path.name, own=_case_seconds(out, path.name), e2e=wall, peak=peak,
                                  load=_load_seconds(out), failed=None if code == 0 else f"exit {code}: {out[-300:]}"))
 
-        if not args.no_docker:
+        if any(g.startswith("docker") for g in groups):
             from harness.container.client import connect
             from harness.container.slim_image import build_model_image
             from harness.runners.docker import DockerExecutor
 
             client = connect()
             weights = {"weights": args.weights} if args.weights else {}
-            for runtime_kind in ("full", "slim"):
+            for runtime_kind in [k for k in ("full", "slim") if f"docker-{k}" in groups]:
                 info = build_model_image(runtime_kind, args.model, client=client, log=lambda line: None, **weights)
                 executor = DockerExecutor(client, info.tag, SimpleNamespace(memory="8g", timeout=None))
-                for path in cases:
-                    case_dir = tmp / f"{runtime_kind}-{path.stem}"
+                for n, path in enumerate(c for _ in range(args.repeat) for c in cases):
+                    case_dir = tmp / f"{runtime_kind}-{n}-{path.stem}"
                     inputs, outputs, work = case_dir / "in", case_dir / "out", case_dir / "work"
                     for folder in (inputs, outputs, work):
                         folder.mkdir(parents=True)
@@ -165,11 +199,14 @@ def main(argv: list[str] | None = None) -> int:
                                      peak=outcome.peak_mb, image=info.size_bytes / 1e6,
                                      failed=outcome.problem))
 
+    rows = _medians(rows)
+    if args.repeat > 1:
+        lines += [f"Each figure is the median of {args.repeat} runs of the case.", ""]
     lines += ["| run | case | case s | end-to-end s | start-up s | of which model load s | peak MB | image MB |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     fmt = lambda v, f="{:.2f}": "" if v is None else f.format(v)  # noqa: E731
     for row in rows:
-        startup = row["e2e"] - row["own"] if row.get("e2e") is not None and row.get("own") is not None else None
+        startup = row["startup"]
         note = f" (failed: {row['failed'][:80]})" if row.get("failed") else ""
         lines.append(f"| {row['kind']}{note} | {row['case']} | {fmt(row.get('own'))} | {fmt(row.get('e2e'))} | "
                      f"{fmt(startup)} | {fmt(row.get('load'))} | {fmt(row.get('peak'), '{:.0f}')} | "
@@ -186,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if ours:
             loads = [r["load"] for r in ours if r.get("load") is not None]
             beyond = [r["e2e"] - own_harness[r["case"]] for r in ours if r["case"] in own_harness]
-            lines.append(f"| {kind} | {fmt(mean([r['e2e'] - r['own'] for r in ours]))} | {fmt(mean(loads))} | "
+            lines.append(f"| {kind} | {fmt(mean([r['startup'] for r in ours]))} | {fmt(mean(loads))} | "
                          f"{fmt(mean(beyond))} |")
     text = "\n".join(lines) + "\n"
     print(text)

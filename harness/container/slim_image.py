@@ -239,7 +239,8 @@ def build_slim_image(model: str, tag: str | None = None, weights: Path | None = 
                      extra_weights: Mapping[str, Path] | None = None, compile_cache: bool = True) -> ImageInfo:
     """Build the slim image of ``model``: its exported OpenVINO graphs and ``pipeline.json`` in
     ``/opt/graphs`` on the slim runtime image; ``compile_cache`` adds an OpenVINO compiled-model cache made
-    by compiling the graphs once in a container of the image (committed as one more layer)."""
+    by compiling the graphs once in a container of the image (committed as one more layer; weightless, see
+    :class:`runtime.graphs.Graphs`)."""
     from harness.container.client import connect
     from harness.container.layers import prune_untagged, run_and_commit
     from harness.container.model_image import add_bytes, add_file, stream_build

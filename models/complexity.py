@@ -79,8 +79,6 @@ def _count(model: nn.Module, input_size: int, encoder_only: bool) -> Compute:
 
 def _count_on(model: nn.Module, device, input_size: int, encoder_only: bool) -> Compute:
     image = torch.zeros(1, 3, input_size, input_size, device=device)
-    prompt_size = model.prompt_encoder.input_image_size[0]
-    box = torch.tensor([[0.25, 0.25, 0.75, 0.75]]).to(device) * prompt_size
     norm_elements = 0
 
     def count(_module, _inputs, output):
@@ -92,7 +90,9 @@ def _count_on(model: nn.Module, device, input_size: int, encoder_only: bool) -> 
     try:
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
             embedding = model.image_encoder(image)
-            if not encoder_only:
+            if not encoder_only:  # one box, in the prompt encoder's frame
+                prompt_size = model.prompt_encoder.input_image_size[0]
+                box = torch.tensor([[0.25, 0.25, 0.75, 0.75]]).to(device) * prompt_size
                 model.decode_boxes(embedding, box)
     finally:
         for handle in handles:

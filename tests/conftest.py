@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -16,12 +17,25 @@ def two_threads():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """A temporary folder for the files a module's tests share (weights, runs), removed when the module is
+    done: the full suite writes several GB of checkpoints and graphs, and keeping each module's files to
+    the end of the session (pytest's default) fills a small disk. Fixtures take subfolders of it."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def export_cache_dir(tmp_path_factory):
     """A ``HARNESS_CACHE_DIR`` for the exported graphs (``<dir>/exports``) of the seed-0 reference models,
-    shared by the modules that export them (test_backends, test_zoo_e2e): each model is exported once
-    per session (same cache key and weights fingerprint), into a temporary folder."""
-    return tmp_path_factory.mktemp("harness-cache")
+    shared by the modules that export them (test_backends, test_zoo_e2e, test_runtime_parity): each model
+    is exported once per session (same cache key and weights fingerprint), into a temporary folder that
+    is removed at the end of the session (about 2 GB)."""
+    path = tmp_path_factory.mktemp("harness-cache")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -31,15 +31,15 @@ def l0_state() -> dict:
 
 
 @pytest.fixture(scope="module")
-def l0_file(tmp_path_factory, l0_state) -> Path:
-    path = tmp_path_factory.mktemp("l0") / "l0_state.pth"
+def l0_file(module_tmp, l0_state) -> Path:
+    path = module_tmp / "l0_state.pth"
     torch.save(l0_state, path)
     return path
 
 
 @pytest.fixture(scope="module")
-def medsam_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("medsam") / "medsam_vit_b.pth"
+def medsam_file(module_tmp) -> Path:
+    path = module_tmp / "medsam_vit_b.pth"
     torch.save(make_state_dict("medsam_vit_b", 0), path)
     return path
 

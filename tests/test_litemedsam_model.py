@@ -94,8 +94,8 @@ def manifest() -> dict:
 
 
 @pytest.fixture(scope="module")
-def seed0_checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "seed0.pth"
+def seed0_checkpoint(module_tmp) -> Path:
+    path = module_tmp / "seed0.pth"
     torch.save(make_state_dict(MODEL_KEY, 0), path)
     return path
 

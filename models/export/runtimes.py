@@ -5,13 +5,16 @@ onnxruntime runs on the CPU execution provider with ``intra_op_num_threads`` = t
 sequential execution. OpenVINO compiles for ``"CPU"`` with ``INFERENCE_NUM_THREADS``, the latency hint
 and an explicit ``INFERENCE_PRECISION_HINT`` (its CPU plugin would otherwise default to bf16 on CPUs
 with AMX / AVX512-BF16); it reuses its output buffers, so every output is copied. After compiling, the
-resident pages of the IR's memory-mapped ``.bin`` are given back (:func:`release_mapped_pages`).
+resident pages of the IR's memory-mapped ``.bin`` are given back
+(:func:`runtime.graphs.release_mapped_pages`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from runtime.graphs import release_mapped_pages  # the torch-free runtime's; shared, not copied
 
 
 class OrtGraph:
@@ -36,40 +39,6 @@ class OrtGraph:
 
     def __call__(self, *arrays: np.ndarray) -> list:
         return self.session.run(None, dict(zip(self.inputs, arrays)))  # fresh arrays, owned by the caller
-
-
-_MADV_DONTNEED = 4  # linux/mman.h
-
-
-def release_mapped_pages(path: Path) -> int:
-    """Give back this process's resident pages of the read-only mappings of file ``path``; returns
-    the bytes of those mappings (0 where there are none, or off Linux).
-
-    OpenVINO maps the IR's ``.bin`` into memory, and its CPU plugin reads every weight once while
-    compiling, repacking most of them into its own layouts. The original pages stay resident, so
-    RSS counts the weights twice (L0: 117 MB for the encoder). ``madvise(MADV_DONTNEED)`` on a
-    read-only mapping only unmaps the pages; they stay in the page cache, and any page read later
-    (weights the plugin uses in place: about 25 MB for L0) faults back in from there, unchanged. A
-    writable mapping is never touched, since dropping it could lose data."""
-    import ctypes
-
-    target = str(Path(path).resolve())
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    released = 0
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or fields[5] != target or "w" in fields[1]:
-            continue
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        if madvise(start, end - start, _MADV_DONTNEED) == 0:
-            released += end - start
-    return released
 
 
 _OV_CORE = None

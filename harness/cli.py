@@ -556,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--timeout and --memory")
     p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
                    help="kill a case after this many seconds (an error naming the limit; default: no limit): "
-                        "native (in an isolated worker), subprocess and docker runners")
+                        "native (in an isolated worker), subprocess, docker and ray runners (ray: the case's "
+                        "worker is killed and replaced)")
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="memory limit such as 4g or 512m. docker: the container's (a cgroup's, resident memory; "
                         "default 8G, the challenge's; 32G with --protocol interactive, the 2025 evaluator's). "

@@ -37,7 +37,7 @@ class RunConfig:
     timed end to end as the challenge times it; "ray", a Ray cluster). ``runner_options``: settings of
     the runner itself, by runner name (``{"ray": {"workers": 2}}``). ``image``: a docker image tag or a
     ``team.tar.gz`` submission (docker runner only). ``timeout``: seconds per case for native (in an
-    isolated worker), subprocess and docker (None: no limit). ``memory``: a size such as ``"4g"``: the
+    isolated worker), subprocess, docker and ray (None: no limit). ``memory``: a size such as ``"4g"``: the
     docker container's memory limit (None there: 8G, the challenge's), and for native (isolated) and
     subprocess the address-space limit (``RLIMIT_AS``) of the process that segments (None: no limit).
     ``isolate``: native runner only, segment in a worker process that a segmenter's ``os._exit``,

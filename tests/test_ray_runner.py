@@ -4,7 +4,7 @@ a killed driver resumed, and no Ray process left behind.
 
 Every Ray instance here is bound to 127.0.0.1 and lives in a temporary ``RAY_TMPDIR``; every process it
 starts carries a marker in its environment, so that the fixture can check and sweep them (by PID) after
-each test. Test-only segmenters (``sleepy``, ``crashy``) come from a throwaway plugin installed through an
+each test. Test-only segmenters (``sleepy``, ``crashy``, ``hangy``) come from a throwaway plugin installed through an
 entry point on ``PYTHONPATH``, so that the Ray workers find it as they find any installed plugin.
 """
 from __future__ import annotations
@@ -52,6 +52,14 @@ class Sleepy(BoxFill):
         return super().segment(case)
 
 
+class Hangy(BoxFill):
+    def segment(self, case):
+        hang = os.environ.get("RAYTEST_HANG")
+        if hang and hang in case.name:
+            time.sleep(600)  # far past any --timeout of the tests
+        return super().segment(case)
+
+
 class Crashy(BoxFill):
     def segment(self, case):
         crash = os.environ.get("RAYTEST_CRASH")
@@ -65,6 +73,7 @@ def harness_segmenters():
     return [
         SegmenterSpec(name="sleepy", title="Box fill, slowly", family="baseline", load=lambda options: Sleepy()),
         SegmenterSpec(name="crashy", title="Box fill, or a crash", family="baseline", load=lambda options: Crashy()),
+        SegmenterSpec(name="hangy", title="Box fill, or a hang", family="baseline", load=lambda options: Hangy()),
     ]
 '''
 
@@ -221,6 +230,10 @@ def test_options_are_checked_before_any_work(tmp_path):
                              ({"exclusive": True, "workers": 2}, "--ray-exclusive"), ({"nodes": 2}, "unknown")]:
         with pytest.raises(RunnerError, match=message):
             runner.check(_config(["boxfill"], DEMO, tmp_path / "out", **options))
+    config = _config(["boxfill"], DEMO, tmp_path / "out")
+    config.timeout = 0
+    with pytest.raises(RunnerError, match="--timeout must be positive"):
+        runner.check(config)
 
 
 # --- 1. the same results as the native runner ---------------------------------------------------------------
@@ -369,6 +382,28 @@ def test_a_case_that_kills_its_worker_twice_is_an_error_naming_the_node(ray_env,
     node = bad[0]["node"]
     assert error.startswith(f"while segmenting on node {node['hostname']} ({node['id']}): the Ray worker died 2 times")
     assert bad[0]["runner"] == "ray" and bad[0]["modality"] == "US"
+    assert not _wait_gone(ray_env["token"])
+
+
+@pytest.mark.slow  # waits out a --timeout of 4 s and starts a replacement worker
+def test_a_case_past_timeout_is_an_error_and_its_worker_replaced(ray_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYTEST_HANG", "US_hc18")
+    out = tmp_path / "out"
+    lines: list[str] = []
+    config = _config(["hangy"], DEMO, out, workers=2)
+    config.timeout = 4.0
+    started = time.monotonic()
+    report = run(config, log=lines.append)
+    assert time.monotonic() - started < 120, "the hung case was not cut off"
+    assert report.errors == 1 and report.done == 5, report
+    records = _assert_once(out)
+    bad = [r for r in records if r["status"] != "ok"]
+    assert [r["case"] for r in bad] == ["2DBox_US_hc18-158.npz"]
+    node = bad[0]["node"]
+    assert bad[0]["error"].startswith(f"while segmenting on node {node['hostname']} ({node['id']}): exceeded "
+                                      "--timeout 4 s (the Ray worker was killed"), bad[0]["error"]
+    assert all(r["status"] == "ok" for r in records if r is not bad[0])
+    assert any("ran past --timeout 4 s and was killed; starting a new one" in line for line in lines), lines
     assert not _wait_gone(ray_env["token"])
 
 

@@ -19,6 +19,11 @@ A worker that dies mid-case (killed, out of memory, its node lost) is replaced b
 case is retried once on another worker; a second death is recorded as an error naming the node(s), and
 the run goes on. A model that cannot load in a worker fails the entry as it would natively.
 
+``--timeout S`` (``RunConfig.timeout``): a case still running S seconds after it became its worker's
+current case (as the driver sees it: when it was sent to an idle worker, or when the worker's previous
+case came back) is an error naming the limit, not retried; its worker is killed and replaced, and the
+cases queued behind it go to other workers. The model's load in a worker is not bounded.
+
 Options (``RunConfig.runner_options["ray"]``, filled by the ``--ray-*`` flags): ``address`` (None:
 start a local instance on 127.0.0.1, shut down when the run ends; ``"auto"`` or ``"HOST:PORT"``: join
 that cluster, disconnect at the end), ``workers`` (default: as many as the cluster's CPUs allow),
@@ -64,6 +69,7 @@ from harness.runners.case import (
     save_and_score,
 )
 from harness.runners.reaper import processes_with_env
+from harness.runners.subprocess import check_timeout
 
 if TYPE_CHECKING:
     from harness.pluginmanager import HarnessPlugins
@@ -270,6 +276,7 @@ class _Worker:
     described: dict | None = None
     placement: dict = field(default_factory=dict)
     queue: collections.deque = field(default_factory=collections.deque)  # in-flight refs, oldest first
+    current_since: float | None = None  # monotonic time its oldest in-flight case became its current one
 
     @property
     def load(self) -> int:
@@ -343,8 +350,8 @@ class RaySession(Session):
         worker.ready = None
         worker.node, worker.pid, worker.described = info["node"], info["pid"], info["described"]
 
-    def _replace(self, worker: _Worker) -> _Worker:
-        """A worker died: kill what is left of its actor, start a new one in its place."""
+    def _replace(self, worker: _Worker, why: str = "died") -> _Worker:
+        """A worker died (or overran --timeout): kill what is left of its actor, start a new one in its place."""
         import ray
 
         try:
@@ -354,7 +361,7 @@ class RaySession(Session):
         self.workers.remove(worker)
         self.replacements += 1
         new = self._start_worker(worker.placement)
-        self.log(f"{self.entry}: the Ray worker on node {_node_text(worker.node)} died; starting a new one")
+        self.log(f"{self.entry}: the Ray worker on node {_node_text(worker.node)} {why}; starting a new one")
         return new
 
     def close(self) -> None:
@@ -414,6 +421,8 @@ class RaySession(Session):
                 ref = worker.actor.segment.remote(task.case_path.name, task.data, path)
                 task.worker = worker
                 task.tried.add(worker.slot)
+                if not worker.queue:
+                    worker.current_since = time.monotonic()
                 worker.queue.append(ref)
                 inflight[ref] = task
             starting = {w.ready: w for w in self.workers if w.ready is not None}
@@ -428,7 +437,12 @@ class RaySession(Session):
                     yield finish_record(record)
                 todo.clear()
                 break
-            done, _ = ray.wait([*inflight, *starting], num_returns=1)
+            done, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=self._until_overdue())
+            if not done:
+                overdue = self._overdue()
+                if overdue is not None:
+                    yield from self._timed_out(overdue, inflight, todo)
+                continue
             ref = done[0]
             if ref in starting:
                 worker = starting[ref]
@@ -442,9 +456,54 @@ class RaySession(Session):
             outcome = _fetch(ref)
             if not isinstance(outcome, _Death):
                 worker.queue.remove(ref)
+                worker.current_since = time.monotonic() if worker.queue else None
                 yield self._finish(inflight.pop(ref), outcome)
                 continue
             yield from self._worker_died(worker, inflight, todo)
+
+    def _until_overdue(self) -> float | None:
+        """Seconds until the first current case runs past ``--timeout`` (None: no limit, or none running)."""
+        limit = self.config.timeout
+        running = [w.current_since for w in self.workers if w.queue and w.current_since is not None]
+        if not limit or not running:
+            return None
+        return max(0.0, min(running) + limit - time.monotonic())
+
+    def _overdue(self) -> _Worker | None:
+        """A worker whose current case has run past ``--timeout``."""
+        limit, now = self.config.timeout, time.monotonic()
+        for worker in self.workers:
+            if limit and worker.queue and worker.current_since is not None and now - worker.current_since >= limit:
+                return worker
+        return None
+
+    def _timed_out(self, worker: _Worker, inflight: dict, todo: collections.deque) -> Iterator[dict]:
+        """``worker``'s current case ran past ``--timeout``: unless it came back meanwhile, it is an error
+        (not retried), the worker is killed and replaced, and the cases behind it are queued again."""
+        import ray
+
+        head = worker.queue[0]
+        if ray.wait([head], num_returns=1, timeout=0)[0]:
+            return  # it finished just now: the main loop collects it
+        refs = list(worker.queue)
+        worker.queue.clear()
+        worker.current_since = None
+        self._replace(worker, why=f"ran past --timeout {self.config.timeout:g} s and was killed")
+        task = inflight.pop(head)
+        record = self._record(task.case_path, worker.node)
+        describe_case(record, task.case)
+        record["status"] = "error"
+        record["error"] = (f"while segmenting on node {_node_text(worker.node)}: exceeded --timeout "
+                           f"{self.config.timeout:g} s (the Ray worker was killed; the next cases run on a new "
+                           f"one); {task.case_path}")
+        task.data = None
+        yield finish_record(record)
+        requeue = []
+        for ref in refs[1:]:  # sent to the worker, never started
+            behind = inflight.pop(ref)
+            behind.tried.discard(worker.slot)
+            requeue.append(behind)
+        todo.extendleft(reversed(requeue))
 
     def _worker_died(self, worker: _Worker, inflight: dict, todo: collections.deque) -> Iterator[dict]:
         """One of ``worker``'s cases came back as a lost worker. Its cases run in order: those that
@@ -557,6 +616,7 @@ class RayRunner(Runner):
         if ray_missing():
             raise RunnerError(INSTALL_HINT)
         self.options = RayOptions.from_config(config)
+        check_timeout(config)
 
     # connection -----------------------------------------------------------------------------------------
 

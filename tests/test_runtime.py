@@ -213,3 +213,53 @@ def test_predict_refuses_bad_arguments(tmp_path, capsys):
     assert predict_main(["-i", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "--graphs", str(tmp_path)]) == 2
     assert "no such input folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- compile cache
+class _FakeCompiled:
+    outputs = ["out"]
+
+    def create_infer_request(self):
+        return None
+
+
+class _CoreWithoutWeightlessCache:
+    """An OpenVINO core of a release before weightless caching: CACHE_MODE is an unknown property."""
+
+    def __init__(self):
+        self.configs = []
+
+    def compile_model(self, path, device, config):
+        self.configs.append(dict(config))
+        if "CACHE_MODE" in config:
+            raise RuntimeError("Exception from src/inference/src/core.cpp: Unsupported property CACHE_MODE by CPU plugin")
+        return _FakeCompiled()
+
+
+class _CoreThatFails(_CoreWithoutWeightlessCache):
+    def compile_model(self, path, device, config):
+        self.configs.append(dict(config))
+        raise RuntimeError("Exception from src/core: the graph is broken")
+
+
+def test_compile_cache_falls_back_to_a_full_blob_without_weightless_caching(tmp_path):
+    """An OpenVINO that does not know CACHE_MODE gets the same cache folder without it (full blobs); any
+    other compile error is not retried and names the graph file."""
+    pytest.importorskip("openvino")
+    from runtime.graphs import GraphError, WEIGHTLESS_CACHE, _Graph
+
+    xml = tmp_path / "encoder.xml"
+    xml.write_text("<net/>")
+    xml.with_suffix(".bin").write_bytes(b"\0" * 16)
+    cache = tmp_path / "cache"
+    core = _CoreWithoutWeightlessCache()
+    _Graph(core, xml, threads=2, cache_dir=cache)
+    assert [WEIGHTLESS_CACHE[0] in c for c in core.configs] == [True, False]
+    assert all(str(cache) in map(str, c.values()) for c in core.configs)  # still cached, as full blobs
+    core = _CoreWithoutWeightlessCache()
+    _Graph(core, xml, threads=2, cache_dir=None)
+    assert len(core.configs) == 1 and WEIGHTLESS_CACHE[0] not in core.configs[0]  # no cache, nothing to drop
+    failing = _CoreThatFails()
+    with pytest.raises(GraphError, match=r"encoder\.xml: OpenVINO cannot load this graph .*the graph is broken"):
+        _Graph(failing, xml, threads=2, cache_dir=cache)
+    assert len(failing.configs) == 1

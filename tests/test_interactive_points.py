@@ -79,6 +79,11 @@ def test_a_click_redecodes_only_its_label_from_its_slice_away_from_the_middle(en
     decoded.clear()
     engine.segment_with_clicks(vol, boxes, {1: [(4, 20, 12, True)]}, prev_segs=prev)  # the middle slice: both ways
     assert [z for z, _ in decoded] == [4, 5, 6, 7, 3, 2, 1]
+    decoded.clear()
+    alone = engine.segment_with_clicks(vol, boxes, {1: [(6, 20, 12, True)]}, prev_segs=prev, propagate=False)
+    assert [z for z, _ in decoded] == [6]  # without propagation only the clicked slice is decoded again
+    assert np.array_equal(alone[:6], prev[:6]) and np.array_equal(alone[7:], prev[7:])
+    assert np.array_equal(alone[6] == 1, out[6] == 1)  # and it gets the same mask as with propagation
 
 
 def test_clicks_on_2d_images_are_refused(engine):

@@ -184,7 +184,7 @@ class BoxPromptEngine:
         return segs
 
     def segment_with_clicks(self, volume: np.ndarray, boxes: np.ndarray, clicks: Dict[int, list],
-                            prev_segs: Optional[np.ndarray] = None) -> np.ndarray:
+                            prev_segs: Optional[np.ndarray] = None, propagate: bool = True) -> np.ndarray:
         """3D segmentation corrected by clicks (the 2025 interactive protocol); uint16 like :meth:`segment`.
 
         ``boxes`` (N, 6) as in :meth:`segment`; ``clicks`` maps a label (``i + 1`` for box ``i``) to its
@@ -211,6 +211,9 @@ class BoxPromptEngine:
         4. the label's voxels on the re-decoded slices are replaced by the new masks (other slices keep
            the previous prediction); a voxel another label held stays with it unless the new mask
            covers it.
+
+        ``propagate=False``: step 3 is skipped, only the start slice is decoded again (a more conservative
+        rule, compared with this one by ``bench/bench_click_rules.py``).
 
         The models were trained with boxes only: SAM's point embeddings are used as they come.
         """
@@ -254,9 +257,9 @@ class BoxPromptEngine:
                     temp = np.where(prev == label, fill, 0).astype(np.uint8)
                     new = np.zeros(volume.shape, dtype=bool)
                     order = [(start, start)]  # (slice, the slice its box comes from)
-                    if start >= z_mid:  # the slices whose propagation chain passes through the start slice
+                    if propagate and start >= z_mid:  # the slices whose propagation chain passes through the start slice
                         order += [(z, z - 1) for z in range(start + 1, hi + 1)]
-                    if start <= z_mid:
+                    if propagate and start <= z_mid:
                         order += [(z, z + 1) for z in range(start - 1, lo - 1, -1)]
                     lo, hi = min(z for z, _ in order), max(z for z, _ in order)
                     for z, source in order:

@@ -15,7 +15,9 @@ the protocol's, and none is reported).
 
 Printed: per modality and overall (the mean of the modalities, as the challenge averages), the DSC after the
 box step and after the last click, DSC_AUC and NSD_AUC; how many clicks raised, lowered or kept (within
-0.001) the case's DSC; and how many cases ended above, below or within 0.005 of their box step.
+0.001) the case's DSC; how many cases ended above, below or within 0.005 of their box step; and, per case,
+``slice`` against ``resume`` on DSC_AUC, NSD_AUC and the last DSC: cases better / worse, the median
+difference and the two-sided Wilcoxon signed-rank test's p (scipy.stats.wilcoxon, zero differences dropped).
 """
 from __future__ import annotations
 
@@ -124,6 +126,22 @@ def _click_effects(results: list) -> tuple[int, int, int, int, int, int]:
     return up, down, flat, higher, lower, same
 
 
+def _paired(results: dict) -> list[str]:
+    """Per case, ``slice`` minus ``resume``: better / worse, the median difference, Wilcoxon's p."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    lines = []
+    for label, value in (("DSC_AUC", lambda r: r.dsc_auc), ("NSD_AUC", lambda r: r.nsd_auc),
+                         ("DSC after the last click", lambda r: r.dsc_per_step[-1])):
+        diff = np.array([value(b) - value(a) for (_, a), (_, b) in zip(results["resume"], results["slice"])])
+        nonzero = diff[diff != 0]
+        p = wilcoxon(nonzero).pvalue if len(nonzero) else float("nan")
+        lines.append(f"| {label} | {int((diff > 0).sum())} / {int((diff < 0).sum())} | {np.median(diff):+.4f} | "
+                     f"{p:.2f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a folder from `harness convert --to interactive`")
@@ -160,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     for rule in RULES:
         up, down, flat, higher, lower, same = _click_effects(results[rule])
         lines.append(f"| {rule} | {up} / {down} / {flat} | {higher} / {lower} / {same} |")
+    lines += ["", "| slice against resume, per case | cases better / worse | median difference | Wilcoxon p |",
+              "|---|---|---|---|", *_paired(results)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

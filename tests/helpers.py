@@ -25,6 +25,16 @@ def install_fake_plugin(site: Path, module: str, source: str, dist: str, version
     return env
 
 
+def load_bench(name: str):
+    """The script ``bench/<name>.py`` as a module (the bench folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, PROJECT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def harness_cli(args: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 900):
     """Run ``python -m harness.cli ARGS`` and return the CompletedProcess (text output)."""
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], env=env, cwd=cwd, capture_output=True,

@@ -4,21 +4,16 @@ interactive path (the segmenter's ``segment``, no shared embeddings), and whose 
 box step and decodes only the clicked slice again."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_click_rules", ROOT / "bench" / "bench_click_rules.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_click_rules")
 
 
 def test_click_effects_count_steps_and_cases():

@@ -6,20 +6,18 @@ own seconds, the model load read from ``runtime.predict``'s log); its speed figu
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
+from helpers import load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_startup", ROOT / "bench" / "bench_startup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_startup")
 
 
 def test_medians_per_case_and_the_first_failure():

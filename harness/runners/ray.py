@@ -276,7 +276,7 @@ class _Worker:
     described: dict | None = None
     placement: dict = field(default_factory=dict)
     queue: collections.deque = field(default_factory=collections.deque)  # in-flight refs, oldest first
-    current_since: float | None = None  # monotonic time its oldest in-flight case became its current one
+    current_since: float | None = None  # when its oldest in-flight case became its current one (None: idle)
 
     @property
     def load(self) -> int:
@@ -437,11 +437,13 @@ class RaySession(Session):
                     yield finish_record(record)
                 todo.clear()
                 break
-            done, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=self._until_overdue())
+            limit = self.config.timeout
+            longest = self._longest_running() if limit else None
+            wait = None if longest is None else max(0.0, longest.current_since + limit - time.monotonic())
+            done, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=wait)
             if not done:
-                overdue = self._overdue()
-                if overdue is not None:
-                    yield from self._timed_out(overdue, inflight, todo)
+                if longest is not None and time.monotonic() - longest.current_since >= limit:
+                    yield from self._timed_out(longest, inflight, todo)
                 continue
             ref = done[0]
             if ref in starting:
@@ -461,21 +463,10 @@ class RaySession(Session):
                 continue
             yield from self._worker_died(worker, inflight, todo)
 
-    def _until_overdue(self) -> float | None:
-        """Seconds until the first current case runs past ``--timeout`` (None: no limit, or none running)."""
-        limit = self.config.timeout
-        running = [w.current_since for w in self.workers if w.queue and w.current_since is not None]
-        if not limit or not running:
-            return None
-        return max(0.0, min(running) + limit - time.monotonic())
-
-    def _overdue(self) -> _Worker | None:
-        """A worker whose current case has run past ``--timeout``."""
-        limit, now = self.config.timeout, time.monotonic()
-        for worker in self.workers:
-            if limit and worker.queue and worker.current_since is not None and now - worker.current_since >= limit:
-                return worker
-        return None
+    def _longest_running(self) -> _Worker | None:
+        """The worker whose current case has run longest (None: every worker idle); --timeout watches it."""
+        return min((w for w in self.workers if w.current_since is not None), key=lambda w: w.current_since,
+                   default=None)
 
     def _timed_out(self, worker: _Worker, inflight: dict, todo: collections.deque) -> Iterator[dict]:
         """``worker``'s current case ran past ``--timeout``: unless it came back meanwhile, it is an error
@@ -513,6 +504,7 @@ class RaySession(Session):
 
         refs = list(worker.queue)
         worker.queue.clear()
+        worker.current_since = None
         ray.wait(refs, num_returns=len(refs), timeout=2.0)  # let the other results of the dead worker settle
         reason = None
         self._replace(worker)

@@ -32,10 +32,18 @@ def export_cache_dir(tmp_path_factory):
     """A ``HARNESS_CACHE_DIR`` for the exported graphs (``<dir>/exports``) of the seed-0 reference models,
     shared by the modules that export them (test_backends, test_zoo_e2e, test_runtime_parity): each model
     is exported once per session (same cache key and weights fingerprint), into a temporary folder that
-    is removed at the end of the session (about 2 GB)."""
+    is removed at the end of the session (4-5 GB by then)."""
     path = tmp_path_factory.mktemp("harness-cache")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def export_cache_env(export_cache_dir):
+    """``export_cache_dir``, also as HARNESS_CACHE_DIR for the module (TorchSegmenter exports there)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HARNESS_CACHE_DIR", str(export_cache_dir))
+        yield export_cache_dir
 
 
 @pytest.fixture(scope="session")

@@ -79,12 +79,9 @@ PARITY = [_backend_param(b, name) for name in SEEDED for b in (EXPORT_BACKENDS i
 
 
 @pytest.fixture(scope="module")
-def export_root(export_cache_dir):
-    """The session's export cache, also as HARNESS_CACHE_DIR for the module (TorchSegmenter uses that)."""
-    base = export_cache_dir
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HARNESS_CACHE_DIR", str(base))
-        yield base / "exports"
+def export_root(export_cache_env):
+    """The exports folder of the session's export cache (HARNESS_CACHE_DIR for the module)."""
+    return export_cache_env / "exports"
 
 
 @pytest.fixture(scope="module")

@@ -45,16 +45,7 @@ THREADS = 2
 
 
 @pytest.fixture(scope="module")
-def export_home(export_cache_dir):
-    """HARNESS_CACHE_DIR for this module: the session's export cache (test_backends exports the same graphs)."""
-    base = export_cache_dir
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HARNESS_CACHE_DIR", str(base))
-        yield base
-
-
-@pytest.fixture(scope="module")
-def segmenters(export_home, module_tmp):
+def segmenters(export_cache_env, module_tmp):
     """(name, weights) -> (harness segmenter on openvino/fast, runtime segmenter on its export folder);
     one pair in memory at a time."""
     import torch
@@ -62,7 +53,6 @@ def segmenters(export_home, module_tmp):
     from runtime.predict import load_segmenter
 
     held: dict = {}
-    weights_dir = module_tmp
 
     def get(name: str, weights: str):
         key = (name, weights)
@@ -71,7 +61,7 @@ def segmenters(export_home, module_tmp):
             path = None
             if weights == "seed0":
                 require_reference(SEEDED[name], "manifest.json")
-                path = weights_dir / f"{name}-seed0.pth"
+                path = module_tmp / f"{name}-seed0.pth"
                 if not path.is_file():
                     torch.save(make_state_dict(SEEDED[name], 0), path)
             options = LoadOptions(weights=path, threads=THREADS, path="fast", backend="openvino")
